@@ -1,0 +1,1 @@
+src/comi_hf/configuration_comi.py

@@ -1,0 +1,23 @@
+"""comi_hf: COMI (coarse-to-fine context compression with marginal information gain) for transformers."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_comi import COMIConfig
+from .mig import mig_compress
+from .modeling_comi import COMIForConditionalGeneration, COMIOutput, COMIPreTrainedModel, official_generation_config
+
+__version__ = "0.1.0"
+
+# With the package imported, COMI directories load through the Auto classes without remote code.
+AutoConfig.register(COMIConfig.model_type, COMIConfig, exist_ok=True)
+AutoModel.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "COMIConfig",
+    "COMIForConditionalGeneration",
+    "COMIOutput",
+    "COMIPreTrainedModel",
+    "mig_compress",
+    "official_generation_config",
+]

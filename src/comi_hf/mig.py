@@ -1,0 +1,394 @@
+"""Marginal-information-gain (MIG) compression of hidden states: a pure tensor function.
+
+COMI compresses the encoder's hidden states of a context into memory vectors in two stages
+driven by the marginal information gain of a unit ``x`` with respect to a query vector ``q``
+and a set ``S`` of other units::
+
+    G(x) = alpha * cos(x, q) - beta * max_{y in S, y != x} cos(x, y)
+
+* coarse stage: groups of ``merge_size`` consecutive tokens are scored by their most
+  query-relevant token and the context's tokens are re-distributed among the groups with
+  shares ``softmax(-score)`` (a high-MIG group gets fewer tokens, so it is compressed less);
+* fine stage: each group's tokens are fused into one memory vector with weights
+  ``softmax(G)`` taken inside the group.
+
+Everything works on the flat list of the batch's real tokens, so samples of different
+lengths are handled together and padding never enters a similarity. Memory stays linear in
+the number of tokens: the only quadratic quantity, the "max cosine to another unit of the
+same group", is computed tile by tile over a bounded working set instead of materialising a
+``(groups x longest group x hidden)`` tensor (after reallocation one group can hold most of a
+context).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["mig_compress"]
+
+# `torch.nn.functional.normalize`'s default: the official implementation normalises with it.
+_NORM_EPS = 1e-12
+# Lower bound of the scratch budget, in elements, so tiny inputs are not cut into tiny chunks.
+_MIN_WORK_ELEMENTS = 1 << 16
+
+
+def mig_compress(
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    merge_size: int,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    coarse: bool = True,
+    fine: bool = True,
+    coarse_redundancy: bool = True,
+    fine_redundancy: bool = True,
+    alpha_select: float | torch.Tensor = 1.0,
+    beta_select: float | torch.Tensor = 1.0,
+    alpha_merge: float | torch.Tensor = 1.0,
+    beta_merge: float | torch.Tensor = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress each row of ``hidden_states`` into about ``n / merge_size`` memory vectors.
+
+    Args:
+        hidden_states: ``(batch, n, hidden)`` float tensor, the context's hidden states.
+        query: ``(batch, hidden)`` query vector of each row (COMI uses the mean of the query's
+            hidden states).
+        merge_size: tokens per memory vector before reallocation (the compression ratio).
+        attention_mask: ``(batch, n)``, non-zero for real tokens. Real tokens keep their order;
+            padding may sit anywhere (left, right). ``None`` means every token is real.
+        coarse: run the coarse stage (group reallocation). Without it the row is cut into
+            ``max(1, round(n / merge_size))`` near-equal groups, the first ``n mod groups`` one
+            token longer.
+        fine: fuse each group with MIG weights; without it a group's memory is its mean.
+        coarse_redundancy: subtract the redundancy term in the coarse score.
+        fine_redundancy: subtract the redundancy term in the fine weights.
+        alpha_select, beta_select: relevance / redundancy weights of the coarse stage.
+        alpha_merge, beta_merge: relevance / redundancy weights of the fine stage. Floats or
+            0-d tensors; gradients flow into tensors through the fine weights. (The coarse
+            stage only decides integer group sizes, so it passes no gradient.)
+
+    Returns:
+        ``memory``: ``(batch, M, hidden)`` in ``hidden_states.dtype``, each row's memory
+        vectors first, zeros after them; ``memory_mask``: ``(batch, M)`` bool, ``True`` for real
+        memory vectors. A row with ``n`` real tokens gets at most ``ceil(n / merge_size)``
+        vectors; a row without real tokens gets none.
+
+    Similarities are computed in ``float32`` or wider (``float64`` input stays ``float64``).
+    """
+    _check_inputs(hidden_states, query, merge_size, attention_mask)
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    device = hidden_states.device
+    compute_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+
+    if attention_mask is None:
+        token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+    else:
+        token_mask = attention_mask.to(device=device) != 0
+    lengths = token_mask.sum(dim=1)
+    # Flat list of real tokens, row-major: a row's tokens are consecutive and in order.
+    token_index = token_mask.reshape(-1).nonzero().squeeze(1)
+    num_tokens = token_index.numel()
+    if num_tokens == 0:
+        return (
+            hidden_states.new_zeros(batch_size, 0, hidden_size),
+            torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+        )
+    token_row = token_index // seq_len
+    flat_states = hidden_states.reshape(batch_size * seq_len, hidden_size)
+    work_elements = max(num_tokens * hidden_size // 8, _MIN_WORK_ELEMENTS)
+
+    query_unit = query.to(compute_dtype)
+    query_unit = query_unit / torch.linalg.vector_norm(query_unit, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+    inv_norm, relevance = _norms_and_relevance(flat_states, token_index, token_row, query_unit, work_elements)
+
+    if coarse:
+        group_sizes = _reallocated_group_sizes(
+            flat_states,
+            token_index,
+            token_row,
+            lengths,
+            inv_norm,
+            relevance,
+            merge_size,
+            coarse_redundancy,
+            alpha_select,
+            beta_select,
+            work_elements,
+        )
+    else:
+        group_sizes = _uniform_group_sizes(lengths, merge_size)
+
+    # Drop empty groups; the rest are laid out as consecutive runs of each row's tokens. Since
+    # every row's sizes sum to its length, the runs line up with the flat token list.
+    group_row, group_slot = group_sizes.nonzero(as_tuple=True)
+    sizes = group_sizes[group_row, group_slot]
+    num_groups = sizes.numel()
+    group_end = sizes.cumsum(0)
+    group_start = group_end - sizes
+    token_group = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes, output_size=num_tokens)
+
+    if fine:
+        if fine_redundancy:
+            redundancy = _max_cosine_to_others(
+                flat_states,
+                token_index,
+                inv_norm,
+                group_start[token_group],
+                group_end[token_group],
+                work_elements,
+            )
+            gain = alpha_merge * relevance - beta_merge * redundancy
+        else:
+            gain = alpha_merge * relevance
+        weights = _segment_softmax(gain, token_group, num_groups)
+    else:
+        weights = (1.0 / sizes.to(compute_dtype))[token_group]
+
+    fused = _weighted_segment_sum(flat_states, token_index, weights, token_group, num_groups, work_elements)
+
+    # Position of each group among its row's memory vectors.
+    groups_per_row = torch.bincount(group_row, minlength=batch_size)
+    first_group_of_row = groups_per_row.cumsum(0) - groups_per_row
+    memory_position = torch.arange(num_groups, device=device) - first_group_of_row[group_row]
+    max_memory = int(groups_per_row.max())
+    memory = hidden_states.new_zeros(batch_size, max_memory, hidden_size)
+    memory = memory.index_put((group_row, memory_position), fused.to(hidden_states.dtype))
+    memory_mask = torch.arange(max_memory, device=device)[None, :] < groups_per_row[:, None]
+    return memory, memory_mask
+
+
+def _check_inputs(
+    hidden_states: torch.Tensor,
+    query: torch.Tensor,
+    merge_size: int,
+    attention_mask: torch.Tensor | None,
+) -> None:
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+        raise ValueError(
+            f"`hidden_states` must be a (batch, n, hidden) tensor, got {_describe(hidden_states)}."
+        )
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"`hidden_states` must be a floating-point tensor, got {hidden_states.dtype}.")
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    if not isinstance(query, torch.Tensor) or query.shape != (batch_size, hidden_size):
+        raise ValueError(
+            f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, "
+            f"got {_describe(query)}."
+        )
+    if not query.is_floating_point():
+        raise TypeError(f"`query` must be a floating-point tensor, got {query.dtype}.")
+    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch_size, seq_len)
+    ):
+        raise ValueError(
+            f"`attention_mask` must be a ({batch_size}, {seq_len}) tensor to match `hidden_states`, "
+            f"got {_describe(attention_mask)}."
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _token_chunks(num_tokens: int, hidden_size: int, work_elements: int):
+    step = max(1, work_elements // (2 * hidden_size))
+    for start in range(0, num_tokens, step):
+        yield start, min(start + step, num_tokens)
+
+
+def _norms_and_relevance(
+    flat_states: torch.Tensor,
+    token_index: torch.Tensor,
+    token_row: torch.Tensor,
+    query_unit: torch.Tensor,
+    work_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse norms ``(N,)`` of the real tokens and their cosine to their row's query ``(N,)``."""
+    inv_norms, relevances = [], []
+    for start, end in _token_chunks(token_index.numel(), flat_states.shape[1], work_elements):
+        states = flat_states[token_index[start:end]].to(query_unit.dtype)
+        inv_norm = 1.0 / torch.linalg.vector_norm(states, dim=-1).clamp_min(_NORM_EPS)
+        inv_norms.append(inv_norm)
+        relevances.append((states * query_unit[token_row[start:end]]).sum(-1) * inv_norm)
+    return torch.cat(inv_norms), torch.cat(relevances)
+
+
+def _reallocated_group_sizes(
+    flat_states: torch.Tensor,
+    token_index: torch.Tensor,
+    token_row: torch.Tensor,
+    lengths: torch.Tensor,
+    inv_norm: torch.Tensor,
+    relevance: torch.Tensor,
+    merge_size: int,
+    redundancy: bool,
+    alpha: float | torch.Tensor,
+    beta: float | torch.Tensor,
+    work_elements: int,
+) -> torch.Tensor:
+    """Coarse stage: ``(batch, max groups)`` new group sizes, each row summing to its length."""
+    device = relevance.device
+    num_tokens = relevance.numel()
+    batch_size = lengths.numel()
+    groups_per_row = (lengths + merge_size - 1) // merge_size
+    first_group_of_row = groups_per_row.cumsum(0) - groups_per_row
+    num_groups = int(groups_per_row.sum())
+    first_token_of_row = lengths.cumsum(0) - lengths
+    token_rank = torch.arange(num_tokens, device=device) - first_token_of_row[token_row]
+    token_group = first_group_of_row[token_row] + token_rank // merge_size
+
+    # Representative: the group's most query-relevant token (the first one on ties).
+    relevance = relevance.detach()
+    group_relevance = torch.full((num_groups,), -math.inf, dtype=relevance.dtype, device=device)
+    group_relevance = group_relevance.scatter_reduce(0, token_group, relevance, "amax")
+    is_best = relevance == group_relevance[token_group]
+    candidates = torch.where(is_best, torch.arange(num_tokens, device=device), num_tokens)
+    representative = torch.full((num_groups,), num_tokens, device=device).scatter_reduce(
+        0, token_group, candidates, "amin"
+    )
+
+    score = alpha * group_relevance
+    if redundancy:
+        group_row = torch.repeat_interleave(torch.arange(batch_size, device=device), groups_per_row)
+        row_start = first_group_of_row[group_row]
+        row_redundancy = _max_cosine_to_others(
+            flat_states,
+            token_index[representative],
+            inv_norm[representative],
+            row_start,
+            row_start + groups_per_row[group_row],
+            work_elements,
+        )
+        score = score - beta * row_redundancy
+    score = score.detach()
+
+    # Shares softmax(-score) per row, on a (batch, max groups) grid padded with -inf logits.
+    max_groups = int(groups_per_row.max())
+    slot = torch.arange(max_groups, device=device)
+    real_slot = slot[None, :] < groups_per_row[:, None]
+    logits = torch.full((batch_size, max_groups), -math.inf, dtype=score.dtype, device=device)
+    logits[real_slot] = -score
+    shares = torch.softmax(logits, dim=1)
+    quotas = lengths[:, None].to(shares.dtype) * shares
+    sizes = torch.floor(quotas).long()
+    # Largest remainder: the tokens still unassigned go one each to the largest fractional parts.
+    fractions = torch.where(real_slot, quotas - sizes.to(quotas.dtype), -1.0)
+    order = torch.sort(fractions, dim=1, descending=True, stable=True).indices
+    missing = lengths - sizes.sum(dim=1)
+    bonus = (slot[None, :] < missing[:, None]).long()
+    sizes = sizes.scatter_add(1, order, bonus)
+
+    # A row of at most one group keeps all its tokens in one group.
+    single = groups_per_row <= 1
+    sizes[single] = 0
+    sizes[single, 0] = lengths[single]
+    return sizes
+
+
+def _uniform_group_sizes(lengths: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """Coarse stage off: ``max(1, round(n / m))`` near-equal groups (round half to even)."""
+    groups_per_row = torch.round(lengths.double() / merge_size).long().clamp_min(1)
+    max_groups = int(groups_per_row.max())
+    slot = torch.arange(max_groups, device=lengths.device)
+    base = lengths // groups_per_row
+    extra = lengths % groups_per_row
+    sizes = base[:, None] + (slot[None, :] < extra[:, None]).long()
+    return torch.where(slot[None, :] < groups_per_row[:, None], sizes, 0)
+
+
+def _segment_softmax(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Softmax of ``values`` taken separately inside each segment id."""
+    peak = torch.full((num_segments,), -math.inf, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, segment, values.detach(), "amax")
+    exp = torch.exp(values - peak[segment])
+    total = torch.zeros(num_segments, dtype=values.dtype, device=values.device).index_add(0, segment, exp)
+    return exp / total[segment]
+
+
+def _weighted_segment_sum(
+    flat_states: torch.Tensor,
+    token_index: torch.Tensor,
+    weights: torch.Tensor,
+    token_group: torch.Tensor,
+    num_groups: int,
+    work_elements: int,
+) -> torch.Tensor:
+    """``(groups, hidden)``: sum of ``weight * state`` over each group's tokens, chunk by chunk."""
+    hidden_size = flat_states.shape[1]
+    fused = torch.zeros(num_groups, hidden_size, dtype=weights.dtype, device=weights.device)
+    for start, end in _token_chunks(token_index.numel(), hidden_size, work_elements):
+        states = flat_states[token_index[start:end]].to(weights.dtype)
+        fused = fused.index_add(0, token_group[start:end], states * weights[start:end, None])
+    return fused
+
+
+def _max_cosine_to_others(
+    source: torch.Tensor,
+    unit_index: torch.Tensor,
+    inv_norm: torch.Tensor,
+    segment_start: torch.Tensor,
+    segment_end: torch.Tensor,
+    work_elements: int,
+) -> torch.Tensor:
+    """For every unit, the largest cosine to another unit of its segment (0 if it is alone).
+
+    Unit ``u`` is the vector ``source[unit_index[u]]`` with inverse norm ``inv_norm[u]``; the
+    units of a segment are consecutive: ``segment_start[u] <= u < segment_end[u]``. Units are
+    cut into blocks of ``tile`` units; only the (query block, key block) tiles that share a
+    segment are computed, a bounded number of tiles at a time, so the work is about the sum of
+    squared segment sizes and the scratch memory stays within ``work_elements``.
+    """
+    device = inv_norm.device
+    num_units = unit_index.numel()
+    hidden_size = source.shape[1]
+    # Tile edge: about the size of the segment an average unit sits in (a power of two).
+    typical_segment = int((segment_end - segment_start).double().mean().ceil())
+    tile = min(128, max(8, 1 << (typical_segment - 1).bit_length()))
+    num_blocks = (num_units + tile - 1) // tile
+
+    block_first = torch.arange(num_blocks, device=device) * tile
+    block_last = (block_first + tile - 1).clamp_max(num_units - 1)
+    key_block_first = segment_start[block_first] // tile
+    key_block_last = (segment_end[block_last] - 1) // tile
+    tiles_per_block = key_block_last - key_block_first + 1
+    tile_query = torch.repeat_interleave(torch.arange(num_blocks, device=device), tiles_per_block)
+    tile_offset = torch.arange(tile_query.numel(), device=device) - (tiles_per_block.cumsum(0) - tiles_per_block)[
+        tile_query
+    ]
+    tile_key = key_block_first[tile_query] + tile_offset
+
+    best = torch.full((num_units,), -math.inf, dtype=inv_norm.dtype, device=device)
+    within_tile = torch.arange(tile, device=device)
+    tiles_per_chunk = max(1, work_elements // (2 * tile * hidden_size + 4 * tile * tile))
+    for start in range(0, tile_query.numel(), tiles_per_chunk):
+        query_units = tile_query[start : start + tiles_per_chunk, None] * tile + within_tile
+        key_units = tile_key[start : start + tiles_per_chunk, None] * tile + within_tile
+        query_valid = query_units < num_units
+        key_valid = key_units < num_units
+        query_units = query_units.clamp_max(num_units - 1)
+        key_units = key_units.clamp_max(num_units - 1)
+        query_vectors = _unit_vectors(source, unit_index, inv_norm, query_units)
+        key_vectors = _unit_vectors(source, unit_index, inv_norm, key_units)
+        cosine = torch.bmm(query_vectors, key_vectors.transpose(1, 2))
+        allowed = (
+            (segment_start[query_units][:, :, None] == segment_start[key_units][:, None, :])
+            & (query_units[:, :, None] != key_units[:, None, :])
+            & key_valid[:, None, :]
+        )
+        tile_best = cosine.masked_fill(~allowed, -math.inf).amax(dim=-1)
+        best = best.scatter_reduce(0, query_units[query_valid], tile_best[query_valid], "amax")
+    return torch.where(torch.isneginf(best), torch.zeros_like(best), best)
+
+
+def _unit_vectors(
+    source: torch.Tensor, unit_index: torch.Tensor, inv_norm: torch.Tensor, units: torch.Tensor
+) -> torch.Tensor:
+    """Unit-length vectors of ``units`` (any shape), gathered from ``source`` in the compute dtype."""
+    vectors = source[unit_index[units]].to(inv_norm.dtype)
+    return vectors * inv_norm[units][..., None]
