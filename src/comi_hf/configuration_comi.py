@@ -82,6 +82,17 @@ class COMIConfig(PreTrainedConfig):
         # weight-tying helpers reading the top-level config agree with the backbone.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            # Reading another model's config as COMI would silently build the default backbone.
+            raise ValueError(
+                f"This is a `{model_type}` config, not a COMI one. To build COMI from a decoder-only "
+                "backbone use `COMIForConditionalGeneration.from_backbone`."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_comi_fields(self):
         """Reject values the model cannot work with, naming the field."""
         for name in ("encoder_layers", "num_mem_fusion_layers", "merge_size", "segment_size"):

@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .configuration_comi import COMIConfig
 from .mig import mig_compress
@@ -35,8 +36,6 @@ __all__ = ["COMIForConditionalGeneration", "COMIOutput", "COMIPreTrainedModel", 
 _BACKBONE_KEY_MAPPING = {r"^model\.": "decoder.model.", r"^lm_head\.": "decoder.lm_head."}
 # Parts of COMI that a plain backbone checkpoint cannot contain.
 _NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
-# Checkpoint entries that older backbone checkpoints carry and that models recompute.
-_RECOMPUTED_BUFFERS = re.compile(r"rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$")
 
 
 def official_generation_config(config: COMIConfig) -> GenerationConfig:
@@ -229,20 +228,51 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 "`COMIForConditionalGeneration.from_pretrained`."
             )
         config = COMIConfig(text_config=backbone_config, **config_overrides)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            config=config,
-            key_mapping=_BACKBONE_KEY_MAPPING,
-            output_loading_info=True,
-            dtype=dtype,
-            device_map=device_map,
-            attn_implementation=attn_implementation,
-            **hub_kwargs,
-        )
+        # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
+        # would report as missing at length; quiet its report and check the loading here instead.
+        report_logger = hf_logging.get_logger("transformers.modeling_utils")
+        level = report_logger.level
+        report_logger.setLevel(hf_logging.ERROR)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                config=config,
+                key_mapping=_BACKBONE_KEY_MAPPING,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                dtype=dtype,
+                device_map=device_map,
+                attn_implementation=attn_implementation,
+                **hub_kwargs,
+            )
+        finally:
+            report_logger.setLevel(level)
         _check_backbone_loading(pretrained_model_name_or_path, loading_info)
+        # transformers remembers the key mapping used to load and reverts it on save; this model
+        # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
+        vars(model).pop("_weight_conversions", None)
         model.copy_backbone_into_encoder_and_lsa()
         model.generation_config = official_generation_config(model.config)
         return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
+        """Load a COMI checkpoint; weights missing from it, or left over, are an error, not a warning.
+
+        Takes every argument of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
+        `attn_implementation`, Hub options, ...). To start from a plain decoder-only
+        checkpoint, use [`~COMIForConditionalGeneration.from_backbone`].
+        """
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = _loading_problems(loading_info)
+        if problems:
+            hint = ""
+            if any(key.startswith("model.") for key in loading_info.get("unexpected_keys", ())):
+                hint = " It looks like a plain decoder-only checkpoint: build COMI from it with `from_backbone`."
+            raise ValueError(f"{pretrained_model_name_or_path} is not a matching COMI checkpoint: {problems}.{hint}")
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def copy_backbone_into_encoder_and_lsa(self) -> None:
@@ -297,8 +327,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         hidden = self.encoder(
             input_ids=rows.input_ids, attention_mask=rows.attention_mask.long(), use_cache=False
         ).last_hidden_state
-        query_weights = rows.query_mask.to(torch.float32)
-        query_vector = torch.einsum("rt,rtd->rd", query_weights, hidden.float()) / query_weights.sum(1, keepdim=True)
+        # Mean of the query's hidden states, accumulated in float32 at least.
+        query_weights = rows.query_mask.to(torch.promote_types(hidden.dtype, torch.float32))
+        query_vector = torch.einsum("rt,rtd->rd", query_weights, hidden.to(query_weights.dtype))
+        query_vector = query_vector / query_weights.sum(1, keepdim=True)
         memory, memory_mask = self.compressor(hidden, query_vector, rows.context_mask, merge_size)
         memory = self._align(memory, memory_mask)
         memory, memory_mask = _rows_to_samples(memory, memory_mask, rows.sample, input_ids.shape[0])
@@ -352,7 +384,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
         embed = self.get_input_embeddings()
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        parts = [(memory, memory_mask), (embed(query_ids), query_mask)]
+        parts = [(memory, memory_mask), (embed(query_ids.masked_fill(~query_mask, 0)), query_mask)]
         label_parts = [
             (torch.full(memory_mask.shape, -100, device=memory.device), memory_mask),
             (torch.full(query_ids.shape, -100, device=memory.device), query_mask),
@@ -428,7 +460,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             )
         memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        query_embeds = self.get_input_embeddings()(query_ids)
+        query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
         inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
 
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
@@ -461,19 +493,25 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_backbone_loading(path: str | os.PathLike, loading_info: dict) -> None:
-    missing = [key for key in loading_info.get("missing_keys", ()) if not _NOT_IN_BACKBONE.match(key)]
-    unexpected = [key for key in loading_info.get("unexpected_keys", ()) if not _RECOMPUTED_BUFFERS.search(key)]
+def _loading_problems(loading_info: dict, expected_missing: re.Pattern | None = None) -> str:
+    """What a `from_pretrained` loading report says went wrong, or an empty string."""
+    missing = sorted(
+        key for key in loading_info.get("missing_keys", ()) if not (expected_missing and expected_missing.match(key))
+    )
+    unexpected = sorted(loading_info.get("unexpected_keys", ()))
     mismatched = [str(entry) for entry in loading_info.get("mismatched_keys", ())]
     problems = []
-    if missing:
-        problems.append(f"missing weights: {', '.join(sorted(missing)[:10])}")
-    if unexpected:
-        problems.append(f"unexpected weights: {', '.join(sorted(unexpected)[:10])}")
-    if mismatched:
-        problems.append(f"weights of the wrong shape: {', '.join(mismatched[:10])}")
+    for what, keys in (("missing weights", missing), ("unexpected weights", unexpected), ("wrong shapes", mismatched)):
+        if keys:
+            more = f" (and {len(keys) - 10} more)" if len(keys) > 10 else ""
+            problems.append(f"{what}: {', '.join(keys[:10])}{more}")
+    return "; ".join(problems)
+
+
+def _check_backbone_loading(path: str | os.PathLike, loading_info: dict) -> None:
+    problems = _loading_problems(loading_info, expected_missing=_NOT_IN_BACKBONE)
     if problems:
-        raise ValueError(f"{path} does not match its own config as a decoder-only backbone: " + "; ".join(problems))
+        raise ValueError(f"{path} does not match its own config as a decoder-only backbone: {problems}")
 
 
 def _real_token_mask(
