@@ -97,6 +97,11 @@ def sample(batch, i):
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    return build_tokenizer()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a small vocabulary, laid out like Qwen2's."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -227,7 +227,7 @@ def test_bad_inputs_get_clear_errors(tokenizer):
         model.generate(context="some text", query="a question")
     with pytest.raises(ValueError, match="Empty context text"):
         model.generate(context=" ", query="a question", tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="2 contexts but 1 queries"):
+    with pytest.raises(ValueError, match="2 contexts but `query_ids` holds 1 queries"):
         model.generate(context=["a", "b"], query=["c"], tokenizer=tokenizer)
     with pytest.raises(TypeError, match="`query` must be a string"):
         model.generate(context="a", query=3, tokenizer=tokenizer)

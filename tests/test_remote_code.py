@@ -15,7 +15,7 @@ import comi_hf
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(comi_hf.__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py")
+REMOTE_CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py", "pipeline_comi.py")
 
 
 def test_top_level_entry_points_are_the_package_files():
@@ -73,6 +73,14 @@ _FRESH_PROCESS = textwrap.dedent(
     results["text"] = model.generate(
         context="the code of red river is 4821 .", query="what is the code of red river ?", tokenizer=tokenizer
     ).tolist()
+    from transformers import pipeline
+    inferred = pipeline(model=directory, trust_remote_code=True)
+    named = pipeline("comi-qa", model=directory, trust_remote_code=True)
+    results["pipeline_class"] = type(inferred).__name__
+    results["pipeline"] = [
+        p(context="the code of red river is 4821 .", questions=["what is the code of red river ?", "which city ?"])
+        for p in (inferred, named)
+    ]
     print(json.dumps(results))
     """
 )
@@ -107,3 +115,10 @@ def test_fresh_process_without_the_package_loads_and_generates_the_same(tmp_path
         context="the code of red river is 4821 .", query="what is the code of red river ?", tokenizer=tokenizer
     )
     assert results["text"] == text.tolist()
+    from transformers import pipeline
+
+    expected_pipeline = pipeline("comi-qa", model=model, tokenizer=tokenizer)(
+        context="the code of red river is 4821 .", questions=["what is the code of red river ?", "which city ?"]
+    )
+    assert results["pipeline_class"] == "COMIQuestionAnsweringPipeline"
+    assert results["pipeline"] == [expected_pipeline, expected_pipeline]

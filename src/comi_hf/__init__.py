@@ -3,8 +3,16 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comi import COMIConfig
-from .mig import mig_compress
-from .modeling_comi import COMIForConditionalGeneration, COMIOutput, COMIPreTrainedModel, official_generation_config
+from .mig import MIGDetails, mig_compress
+from .modeling_comi import (
+    COMICompressionDetails,
+    COMIContextEncoding,
+    COMIForConditionalGeneration,
+    COMIOutput,
+    COMIPreTrainedModel,
+    official_generation_config,
+)
+from .pipeline_comi import PIPELINE_TASK, COMIQuestionAnsweringPipeline
 
 __version__ = "0.1.0"
 
@@ -14,7 +22,12 @@ AutoModel.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "PIPELINE_TASK",
+    "COMICompressionDetails",
     "COMIConfig",
+    "COMIContextEncoding",
+    "COMIQuestionAnsweringPipeline",
+    "MIGDetails",
     "COMIForConditionalGeneration",
     "COMIOutput",
     "COMIPreTrainedModel",

@@ -23,10 +23,25 @@ context).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["mig_compress"]
+__all__ = ["MIGDetails", "mig_compress"]
+
+@dataclass
+class MIGDetails:
+    """What the compression did to each token, for explanations (all aligned with the input).
+
+    Attributes:
+        token_memory: ``(batch, n)`` long, index of the memory vector a token was fused into
+            (-1 on padding).
+        token_weight: ``(batch, n)`` float, the token's fusion weight inside its group (0 on padding).
+    """
+
+    token_memory: torch.Tensor
+    token_weight: torch.Tensor
+
 
 # `torch.nn.functional.normalize`'s default: the official implementation normalises with it.
 _NORM_EPS = 1e-12
@@ -48,7 +63,8 @@ def mig_compress(
     beta_select: float | torch.Tensor = 1.0,
     alpha_merge: float | torch.Tensor = 1.0,
     beta_merge: float | torch.Tensor = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_details: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, MIGDetails]:
     """Compress each row of ``hidden_states`` into about ``n / merge_size`` memory vectors.
 
     Args:
@@ -68,6 +84,8 @@ def mig_compress(
         alpha_merge, beta_merge: relevance / redundancy weights of the fine stage. Floats or
             0-d tensors; gradients flow into tensors through the fine weights. (The coarse
             stage only decides integer group sizes, so it passes no gradient.)
+        return_details: also return a [`MIGDetails`] (which memory vector each token went into,
+            with which weight).
 
     Returns:
         ``memory``: ``(batch, M, hidden)`` in ``hidden_states.dtype``, each row's memory
@@ -91,10 +109,15 @@ def mig_compress(
     token_index = token_mask.reshape(-1).nonzero().squeeze(1)
     num_tokens = token_index.numel()
     if num_tokens == 0:
-        return (
-            hidden_states.new_zeros(batch_size, 0, hidden_size),
-            torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-        )
+        memory = hidden_states.new_zeros(batch_size, 0, hidden_size)
+        memory_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        if return_details:
+            details = MIGDetails(
+                token_memory=torch.full((batch_size, seq_len), -1, dtype=torch.long, device=device),
+                token_weight=torch.zeros(batch_size, seq_len, device=device),
+            )
+            return memory, memory_mask, details
+        return memory, memory_mask
     token_row = token_index // seq_len
     flat_states = hidden_states.reshape(batch_size * seq_len, hidden_size)
     work_elements = max(num_tokens * hidden_size // 8, _MIN_WORK_ELEMENTS)
@@ -156,6 +179,13 @@ def mig_compress(
     memory = hidden_states.new_zeros(batch_size, max_memory, hidden_size)
     memory = memory.index_put((group_row, memory_position), fused.to(hidden_states.dtype))
     memory_mask = torch.arange(max_memory, device=device)[None, :] < groups_per_row[:, None]
+    if return_details:
+        token_memory = torch.full((batch_size * seq_len,), -1, dtype=torch.long, device=device)
+        token_memory[token_index] = memory_position[token_group]
+        token_weight = torch.zeros(batch_size * seq_len, dtype=weights.dtype, device=device)
+        token_weight[token_index] = weights.detach()
+        details = MIGDetails(token_memory.view(batch_size, seq_len), token_weight.view(batch_size, seq_len))
+        return memory, memory_mask, details
     return memory, memory_mask
 
 

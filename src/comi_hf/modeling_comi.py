@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, GenerationConfig, GenerationMixin
 from transformers import initialization as init
 from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.modeling_outputs import ModelOutput
@@ -27,9 +27,17 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .configuration_comi import COMIConfig
-from .mig import mig_compress
+from .mig import MIGDetails, mig_compress
+from .pipeline_comi import custom_pipelines_entry
 
-__all__ = ["COMIForConditionalGeneration", "COMIOutput", "COMIPreTrainedModel", "official_generation_config"]
+__all__ = [
+    "COMICompressionDetails",
+    "COMIContextEncoding",
+    "COMIForConditionalGeneration",
+    "COMIOutput",
+    "COMIPreTrainedModel",
+    "official_generation_config",
+]
 
 # Where a plain decoder-only checkpoint's weights go inside COMI (they fill the decoder;
 # the encoder and the LSA block are then copied from it).
@@ -103,7 +111,8 @@ class COMIMIGCompressor(nn.Module):
         query: torch.Tensor,
         attention_mask: torch.Tensor,
         merge_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_details: bool = False,
+    ):
         """`(rows, n, hidden)` states, `(rows, hidden)` queries -> `(rows, M, hidden)` memory and its mask."""
         return mig_compress(
             hidden_states,
@@ -118,6 +127,7 @@ class COMIMIGCompressor(nn.Module):
             beta_select=self.beta_select,
             alpha_merge=self.alpha_merge,
             beta_merge=self.beta_merge,
+            return_details=return_details,
         )
 
 
@@ -266,6 +276,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
+        # A saved directory names its pipeline for `pipeline(model=directory)`; in memory the task
+        # is registered by importing this code, and a `custom_pipelines` entry on the live config
+        # would make `pipeline("comi-qa", model=model)` demand `trust_remote_code`.
+        vars(model.config).pop("custom_pipelines", None)
         problems = _loading_problems(loading_info)
         if problems:
             hint = ""
@@ -292,49 +306,139 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 tensor.copy_(source[name].to(device=tensor.device, dtype=tensor.dtype))
 
     # ------------------------------------------------------------------ compression
+    def encode_context(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> COMIContextEncoding:
+        """Run the encoder over contexts once, to compress them against any number of queries.
+
+        The encoder is causal and the query comes after the context, so the context's hidden
+        states and key/value cache do not depend on the query: [`compress`] and [`generate`]
+        with `context_encoding=` then run the encoder over the query tokens only.
+
+        Args:
+            input_ids: `(batch, context_len)` context token ids, padded on either side.
+            attention_mask: `(batch, context_len)`, 1 for real tokens (`None`: all real).
+        """
+        rows = self._context_rows(input_ids, attention_mask)
+        if not self._encoder_caches_whole_context():
+            return rows
+        output = self.encoder(input_ids=rows.input_ids, attention_mask=rows.context_mask.long(), use_cache=True)
+        rows.hidden_states = output.last_hidden_state
+        rows.key_values = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        return rows
+
     def compress(
         self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        query_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_ids: torch.LongTensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
         merge_size: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode and compress contexts into aligned memory vectors.
+        *,
+        context_encoding: COMIContextEncoding | None = None,
+        context_index: torch.LongTensor | None = None,
+        return_details: bool = False,
+    ):
+        """Encode and compress contexts into aligned memory vectors, one set per query.
 
         Args:
             input_ids: `(batch, context_len)` context token ids, padded on either side.
             attention_mask: `(batch, context_len)`, 1 for real context tokens (`None`: all real).
-            query_ids: `(batch, query_len)` query token ids, padded on either side.
-            query_attention_mask: `(batch, query_len)`, 1 for real query tokens (`None`: all real).
+            query_ids: `(queries, query_len)` query token ids, padded on either side.
+            query_attention_mask: `(queries, query_len)`, 1 for real query tokens (`None`: all real).
             merge_size: overrides `config.merge_size` for this call.
+            context_encoding: contexts already encoded by [`encode_context`] (instead of `input_ids`).
+            context_index: `(queries,)` which context each query is about. Defaults to one query
+                per context, or every query about the only context.
+            return_details: also return a [`COMICompressionDetails`] (which memory vector each
+                context token went into, with which weight).
 
         Returns:
-            `memory` `(batch, memory_len, hidden)` in the decoder's dtype (LSA applied), each
-            sample's vectors first, and `memory_attention_mask` `(batch, memory_len)` bool.
+            `memory` `(queries, memory_len, hidden)` in the decoder's dtype (LSA applied), each
+            query's vectors first, and `memory_attention_mask` `(queries, memory_len)` bool
+            (then the details, if asked for).
         """
         merge_size = self._resolve_merge_size(merge_size)
-        context_mask = _real_token_mask(input_ids, attention_mask, "input_ids", "attention_mask")
+        if query_ids is None:
+            raise ValueError("COMI compresses a context against a query: `query_ids` is missing.")
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        if input_ids.shape[0] != query_ids.shape[0]:
-            raise ValueError(
-                f"`input_ids` holds {input_ids.shape[0]} contexts but `query_ids` holds {query_ids.shape[0]} queries."
-            )
-        _require_non_empty(context_mask, "context")
         _require_non_empty(query_mask, "query")
+        if context_encoding is None:
+            if input_ids is None:
+                raise ValueError("Give the contexts as `input_ids` or as a `context_encoding`.")
+            contexts = self._context_rows(input_ids, attention_mask)
+        elif input_ids is not None:
+            raise ValueError("Give the contexts as `input_ids` or as a `context_encoding`, not both.")
+        else:
+            contexts = context_encoding
+        num_queries = query_ids.shape[0]
+        context_index = _context_index(context_index, contexts.batch_size, num_queries, query_ids.device)
+        query, query_len = _left_justify(query_ids.to(contexts.input_ids.device), query_mask)
 
-        rows = _segment_rows(input_ids, context_mask, query_ids, query_mask, self.config.segment_size)
-        hidden = self.encoder(
-            input_ids=rows.input_ids, attention_mask=rows.attention_mask.long(), use_cache=False
-        ).last_hidden_state
+        # One encoder row per (query, segment of its context).
+        row_index, row_query = _rows_for_queries(contexts.sample, context_index, contexts.batch_size)
+        segment_ids = contexts.input_ids[row_index]
+        segment_mask = contexts.context_mask[row_index]
+        row_query_ids, row_query_len = query[row_query], query_len[row_query]
+        if contexts.key_values is not None:
+            context_hidden = contexts.hidden_states[row_index]
+            query_hidden, query_rows_mask = self._encode_queries_after(
+                contexts.key_values, row_index, segment_mask, row_query_ids, row_query_len
+            )
+        else:
+            ids, mask, segment_mask, query_rows_mask = _concatenate_rows(
+                segment_ids, segment_mask, row_query_ids, row_query_len
+            )
+            context_hidden = query_hidden = self.encoder(
+                input_ids=ids, attention_mask=mask.long(), use_cache=False
+            ).last_hidden_state
+
         # Mean of the query's hidden states, accumulated in float32 at least.
-        query_weights = rows.query_mask.to(torch.promote_types(hidden.dtype, torch.float32))
-        query_vector = torch.einsum("rt,rtd->rd", query_weights, hidden.to(query_weights.dtype))
+        query_weights = query_rows_mask.to(torch.promote_types(query_hidden.dtype, torch.float32))
+        query_vector = torch.einsum("rt,rtd->rd", query_weights, query_hidden.to(query_weights.dtype))
         query_vector = query_vector / query_weights.sum(1, keepdim=True)
-        memory, memory_mask = self.compressor(hidden, query_vector, rows.context_mask, merge_size)
+        memory, memory_mask, *details = self.compressor(
+            context_hidden, query_vector, segment_mask, merge_size, return_details=return_details
+        )
         memory = self._align(memory, memory_mask)
-        memory, memory_mask = _rows_to_samples(memory, memory_mask, rows.sample, input_ids.shape[0])
-        return memory.to(self.get_input_embeddings().weight.dtype), memory_mask
+        sample_memory, sample_mask = _rows_to_samples(memory, memory_mask, row_query, num_queries)
+        sample_memory = sample_memory.to(self.get_input_embeddings().weight.dtype)
+        if not return_details:
+            return sample_memory, sample_mask
+        return sample_memory, sample_mask, _details_per_query(
+            details[0], memory_mask, segment_mask, contexts, row_index, row_query, context_index
+        )
+
+    def _context_rows(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> COMIContextEncoding:
+        context_mask = _real_token_mask(input_ids, attention_mask, "input_ids", "attention_mask")
+        _require_non_empty(context_mask, "context")
+        return _segment_contexts(input_ids, context_mask, self.config.segment_size)
+
+    def _encoder_caches_whole_context(self) -> bool:
+        # Sliding-window layers keep only the last tokens of a (right-padded) row in their
+        # cache, so for such encoders the context is encoded again with each query.
+        return not any(layer.is_sliding for layer in DynamicCache(config=self.encoder.config).layers)
+
+    def _encode_queries_after(
+        self,
+        key_values: list[tuple[torch.Tensor, torch.Tensor]],
+        row_index: torch.Tensor,
+        segment_mask: torch.Tensor,
+        query_ids: torch.Tensor,
+        query_len: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder pass over the query tokens only, attending to each row's cached context."""
+        cache = DynamicCache(ddp_cache_data=[(keys[row_index], values[row_index]) for keys, values in key_values])
+        position = torch.arange(query_ids.shape[1], device=query_ids.device)
+        query_mask = position[None, :] < query_len[:, None]
+        output = self.encoder(
+            input_ids=query_ids.masked_fill(~query_mask, 0),
+            attention_mask=torch.cat([segment_mask, query_mask], dim=1).long(),
+            position_ids=segment_mask.sum(1, keepdim=True) + position[None, :],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return output.last_hidden_state, query_mask
 
     def _align(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """LSA over each segment's memory vectors (right-padded, so positions start at 0)."""
@@ -390,8 +494,8 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             (torch.full(query_ids.shape, -100, device=memory.device), query_mask),
         ]
         if labels is not None:
-            if labels.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"`labels` holds {labels.shape[0]} answers for {input_ids.shape[0]} contexts.")
+            if labels.shape[0] != query_ids.shape[0]:
+                raise ValueError(f"`labels` holds {labels.shape[0]} answers for {query_ids.shape[0]} queries.")
             answer_mask = labels != -100
             parts.append((embed(labels.masked_fill(~answer_mask, 0)), answer_mask))
             label_parts.append((labels, answer_mask))
@@ -429,6 +533,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         query: str | list[str] | None = None,
         tokenizer=None,
         merge_size: int | None = None,
+        context_encoding: COMIContextEncoding | None = None,
+        context_index: torch.LongTensor | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         **kwargs,
@@ -438,7 +545,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         Give either token ids (`input_ids`/`attention_mask` for the contexts,
         `query_ids`/`query_attention_mask` for the queries) or text (`context=`, `query=`, a
         string or a list of strings each, and `tokenizer=`; text is tokenised without special
-        tokens, as in the official code).
+        tokens, as in the official code). Instead of the contexts, `context_encoding=` (from
+        [`encode_context`], with `context_index=` as in [`compress`]) reuses an encoded context
+        for many queries, and `memory=(memory, memory_attention_mask)` (from [`compress`])
+        skips compression altogether.
 
         Every argument of `transformers`' `generate` is accepted (`max_new_tokens`,
         `do_sample`, `num_beams`, `streamer`, `stopping_criteria`, `return_dict_in_generate`,
@@ -453,12 +563,26 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             if input_ids is not None or query_ids is not None:
                 raise ValueError("Pass either text (`context=`, `query=`) or token ids, not both.")
             input_ids, attention_mask, query_ids, query_attention_mask = _tokenize_text(context, query, tokenizer)
-        elif input_ids is None or query_ids is None:
+        has_context = input_ids is not None or context_encoding is not None or memory is not None
+        if query_ids is None or not has_context:
             raise ValueError(
                 "`generate` needs a context and a query: token ids (`input_ids`, `query_ids`) or text "
                 "(`context=`, `query=`, `tokenizer=`)."
             )
-        memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
+        if memory is None:
+            memory, memory_mask = self.compress(
+                input_ids,
+                attention_mask,
+                query_ids,
+                query_attention_mask,
+                merge_size,
+                context_encoding=context_encoding,
+                context_index=context_index,
+            )
+        else:
+            memory, memory_mask = memory
+            if memory.shape[0] != query_ids.shape[0] or memory_mask.shape != memory.shape[:2]:
+                raise ValueError("`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives.")
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
         inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
@@ -484,12 +608,22 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save weights (safetensors), config, generation config and the remote code, pipeline included.
+
+        The directory then loads with `AutoModel`/`AutoModelForCausalLM.from_pretrained(...,
+        trust_remote_code=True)` and with `pipeline(model=directory, trust_remote_code=True)`
+        (task `comi-qa` inferred) where `comi_hf` is not installed.
+        """
         # `register_for_auto_class` records one Auto class; both should load this model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map.setdefault("AutoModel", f"{module}.{type(self).__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.custom_pipelines = custom_pipelines_entry()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            vars(self.config).pop("custom_pipelines", None)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -539,38 +673,63 @@ def _require_non_empty(mask: torch.Tensor, what: str) -> None:
 
 
 def _tokenize_text(context, query, tokenizer):
+    """Token ids and masks of context and query texts (either may be `None`: then `None`s)."""
     if tokenizer is None:
         raise ValueError("Text input (`context=`, `query=`) needs `tokenizer=`.")
-    contexts = [context] if isinstance(context, str) else context
-    queries = [query] if isinstance(query, str) else query
-    for name, texts in (("context", contexts), ("query", queries)):
-        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(text, str) for text in texts):
-            raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {texts!r:.80}.")
-        empty = [i for i, text in enumerate(texts) if not text.strip()]
+    encoded = []
+    for name, text in (("context", context), ("query", query)):
+        if text is None:
+            encoded.append((None, None))
+            continue
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(item, str) for item in texts):
+            raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {text!r:.80}.")
+        empty = [i for i, item in enumerate(texts) if not item.strip()]
         if empty:
             raise ValueError(f"Empty {name} text at position(s) {empty}.")
-    if len(contexts) != len(queries):
-        raise ValueError(f"Got {len(contexts)} contexts but {len(queries)} queries.")
-    encode = {"add_special_tokens": False, "padding": True, "return_tensors": "pt"}
-    context_batch = tokenizer(list(contexts), **encode)
-    query_batch = tokenizer(list(queries), **encode)
-    return (
-        context_batch["input_ids"],
-        context_batch["attention_mask"],
-        query_batch["input_ids"],
-        query_batch["attention_mask"],
-    )
+        batch = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
+        encoded.append((batch["input_ids"], batch["attention_mask"]))
+    (context_ids, context_mask), (query_ids, query_mask) = encoded
+    return context_ids, context_mask, query_ids, query_mask
 
 
 @dataclass
-class _SegmentRows:
-    """The encoder's batch: one row per (sample, segment), each `[segment tokens ; query tokens]`."""
+class COMIContextEncoding:
+    """Contexts cut into segments (one row each) and, once encoded, their encoder outputs.
 
-    input_ids: torch.Tensor  # (rows, row_len), right-padded
-    attention_mask: torch.Tensor  # (rows, row_len) bool, real tokens
-    context_mask: torch.Tensor  # (rows, row_len) bool, the segment's tokens
-    query_mask: torch.Tensor  # (rows, row_len) bool, the query's tokens
-    sample: torch.Tensor  # (rows,) sample of each row, non-decreasing
+    Made by [`COMIForConditionalGeneration.encode_context`]; pass it as `context_encoding=` to
+    `compress` or `generate` to ask any number of questions about the same contexts.
+    """
+
+    input_ids: torch.Tensor  # (rows, segment_len) segment token ids, right-padded
+    context_mask: torch.Tensor  # (rows, segment_len) bool, real tokens
+    sample: torch.Tensor  # (rows,) context of each row, non-decreasing
+    segment_start: torch.Tensor  # (rows,) position of the segment's first token in its context
+    context_lengths: torch.Tensor  # (batch,) real tokens per context
+    hidden_states: torch.Tensor | None = None  # (rows, segment_len, hidden) encoder output
+    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # encoder cache, per layer
+
+    @property
+    def batch_size(self) -> int:
+        return self.context_lengths.shape[0]
+
+
+@dataclass
+class COMICompressionDetails:
+    """Where each context token went, per query: the material of explanations.
+
+    Attributes:
+        token_memory: `(queries, context_len)` index of the memory vector each context token
+            (real tokens in order, left-justified) was fused into; -1 past the context's end.
+        token_weight: `(queries, context_len)` the token's fusion weight inside its group.
+        context_lengths: `(queries,)` real context tokens.
+        memory_lengths: `(queries,)` memory vectors.
+    """
+
+    token_memory: torch.Tensor
+    token_weight: torch.Tensor
+    context_lengths: torch.Tensor
+    memory_lengths: torch.Tensor
 
 
 def _left_justify(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -580,36 +739,102 @@ def _left_justify(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.gather(ids, 1, order), lengths
 
 
-def _segment_rows(
-    input_ids: torch.Tensor,
-    context_mask: torch.Tensor,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    segment_size: int,
-) -> _SegmentRows:
+def _segment_contexts(input_ids: torch.Tensor, context_mask: torch.Tensor, segment_size: int) -> COMIContextEncoding:
+    """One row per (context, segment of `segment_size` tokens), right-padded."""
     device = input_ids.device
     context, context_len = _left_justify(input_ids, context_mask)
-    query, query_len = _left_justify(query_ids.to(device), query_mask.to(device))
     segments_per_sample = (context_len + segment_size - 1) // segment_size
     sample = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=device), segments_per_sample)
     first_row = segments_per_sample.cumsum(0) - segments_per_sample
-    segment_index = torch.arange(sample.numel(), device=device) - first_row[sample]
-    segment_start = segment_index * segment_size
+    segment_start = (torch.arange(sample.numel(), device=device) - first_row[sample]) * segment_size
     segment_len = (context_len[sample] - segment_start).clamp_max(segment_size)
-    row_len = segment_len + query_len[sample]
-    position = torch.arange(int(row_len.max()), device=device)[None, :]
+    position = torch.arange(int(segment_len.max()), device=device)[None, :]
+    in_segment = position < segment_len[:, None]
+    index = (segment_start[:, None] + position).clamp_max(context.shape[1] - 1)
+    return COMIContextEncoding(
+        input_ids=context[sample[:, None], index].masked_fill(~in_segment, 0),
+        context_mask=in_segment,
+        sample=sample,
+        segment_start=segment_start,
+        context_lengths=context_len,
+    )
+
+
+def _context_index(
+    context_index: torch.Tensor | None, num_contexts: int, num_queries: int, device: torch.device
+) -> torch.Tensor:
+    if context_index is None:
+        if num_contexts == num_queries:
+            return torch.arange(num_queries, device=device)
+        if num_contexts == 1:
+            return torch.zeros(num_queries, dtype=torch.long, device=device)
+        raise ValueError(
+            f"Got {num_contexts} contexts but `query_ids` holds {num_queries} queries; pass `context_index` "
+            "to say which context each query is about."
+        )
+    context_index = torch.as_tensor(context_index, device=device)
+    if context_index.shape != (num_queries,) or context_index.dtype not in (torch.long, torch.int):
+        raise ValueError(f"`context_index` must hold one context index per query ({num_queries}).")
+    if num_queries and (context_index.min() < 0 or context_index.max() >= num_contexts):
+        raise ValueError(f"`context_index` must point at one of the {num_contexts} contexts.")
+    return context_index.long()
+
+
+def _rows_for_queries(
+    row_sample: torch.Tensor, context_index: torch.Tensor, num_contexts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context rows each query needs, in (query, segment) order: row indices and their query."""
+    rows_per_context = torch.bincount(row_sample, minlength=num_contexts)
+    first_row = rows_per_context.cumsum(0) - rows_per_context
+    rows_per_query = rows_per_context[context_index]
+    row_query = torch.repeat_interleave(torch.arange(context_index.numel(), device=row_sample.device), rows_per_query)
+    first_of_query = rows_per_query.cumsum(0) - rows_per_query
+    offset = torch.arange(row_query.numel(), device=row_sample.device) - first_of_query[row_query]
+    return first_row[context_index[row_query]] + offset, row_query
+
+
+def _concatenate_rows(
+    segment_ids: torch.Tensor, segment_mask: torch.Tensor, query_ids: torch.Tensor, query_len: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[segment ; query]` rows, right-padded: ids, real-token mask, segment mask, query mask."""
+    segment_len = segment_mask.sum(1)
+    row_len = segment_len + query_len
+    position = torch.arange(int(row_len.max()), device=segment_ids.device)[None, :]
     in_segment = position < segment_len[:, None]
     in_row = position < row_len[:, None]
-    context_index = (segment_start[:, None] + position).clamp_max(context.shape[1] - 1)
-    query_index = (position - segment_len[:, None]).clamp(0, query.shape[1] - 1)
-    ids = torch.where(in_segment, context[sample[:, None], context_index], query[sample[:, None], query_index])
-    return _SegmentRows(
-        input_ids=ids.masked_fill(~in_row, 0),
-        attention_mask=in_row,
-        context_mask=in_segment,
-        query_mask=in_row & ~in_segment,
-        sample=sample,
+    segment_index = position.clamp_max(segment_ids.shape[1] - 1).expand(segment_ids.shape[0], -1)
+    query_index = (position - segment_len[:, None]).clamp(0, query_ids.shape[1] - 1)
+    ids = torch.where(in_segment, segment_ids.gather(1, segment_index), query_ids.gather(1, query_index))
+    return ids.masked_fill(~in_row, 0), in_row, in_segment, in_row & ~in_segment
+
+
+def _details_per_query(
+    row_details: MIGDetails,
+    memory_mask: torch.Tensor,
+    segment_mask: torch.Tensor,
+    contexts: COMIContextEncoding,
+    row_index: torch.Tensor,
+    row_query: torch.Tensor,
+    context_index: torch.Tensor,
+) -> COMICompressionDetails:
+    """Map the per-row compression details back onto each query's whole context."""
+    num_queries = context_index.numel()
+    context_lengths = contexts.context_lengths[context_index]
+    memory_per_row = memory_mask.sum(1)
+    memory_before_row = memory_per_row.cumsum(0) - memory_per_row
+    memory_lengths = torch.zeros(num_queries, dtype=torch.long, device=row_query.device).index_add(
+        0, row_query, memory_per_row
     )
+    memory_before_query = memory_lengths.cumsum(0) - memory_lengths
+    row_offset = memory_before_row - memory_before_query[row_query]
+    row, position = segment_mask.nonzero(as_tuple=True)
+    column = contexts.segment_start[row_index][row] + position
+    width = int(context_lengths.max())
+    token_memory = torch.full((num_queries, width), -1, dtype=torch.long, device=row.device)
+    token_memory[row_query[row], column] = row_details.token_memory[row, position] + row_offset[row]
+    token_weight = torch.zeros((num_queries, width), dtype=row_details.token_weight.dtype, device=row.device)
+    token_weight[row_query[row], column] = row_details.token_weight[row, position]
+    return COMICompressionDetails(token_memory, token_weight, context_lengths, memory_lengths)
 
 
 def _rows_to_samples(

@@ -1,0 +1,244 @@
+"""`pipeline("comi-qa")`: answer questions about long documents with a COMI model.
+
+This file is also shipped as remote code beside saved models, so it imports nothing from the
+`comi_hf` package. Importing it registers the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+__all__ = ["PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry"]
+
+PIPELINE_TASK = "comi-qa"
+
+
+class COMIQuestionAnsweringPipeline(Pipeline):
+    """Answer questions about a context with a COMI model (compressed context + decoder).
+
+    Calls:
+
+    * `pipe(context=..., question=...)` -> `{"answer", "context_tokens", "memory_tokens", "compression_ratio"}`
+    * `pipe(context=..., questions=[...])` -> `{"answers": [...], ...}`: the context is encoded
+      once and only the queries, the compression and the decoding run per question.
+    * `pipe([{"context": ..., "question": ...}, ...], batch_size=8)` -> a list of results, in order.
+
+    Options: `merge_size` (the compression ratio for this call), `return_compression=True`
+    (per memory vector, the span of context tokens it fused and their weights), and any
+    generation argument (`max_new_tokens`, `do_sample`, `num_beams`, ...).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __call__(self, inputs: Any = None, *, context=None, question=None, questions=None, **kwargs):
+        if inputs is None:
+            if context is None:
+                raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
+            inputs = {"context": context}
+            if question is not None:
+                inputs["question"] = question
+            if questions is not None:
+                inputs["questions"] = questions
+        elif context is not None or question is not None or questions is not None:
+            raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
+        if isinstance(inputs, (list, tuple)) and (kwargs.get("batch_size") or self._batch_size or 1) > 1:
+            if any(isinstance(item, dict) and "questions" in item for item in inputs):
+                raise ValueError(
+                    "Items with several `questions` already run as one batch; call them one at a time "
+                    "(or give one `question` per item to batch them)."
+                )
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        merge_size: int | None = None,
+        return_compression: bool | None = None,
+        generate_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        forward_params: dict[str, Any] = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
+        postprocess_params: dict[str, Any] = {}
+        if merge_size is not None:
+            if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+                raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
+            forward_params["merge_size"] = merge_size
+        if return_compression is not None:
+            forward_params["return_compression"] = bool(return_compression)
+            postprocess_params["return_compression"] = bool(return_compression)
+        return {}, forward_params, postprocess_params
+
+    def preprocess(self, inputs: dict) -> dict:
+        if not isinstance(inputs, dict):
+            raise TypeError(f"Each input must be a dict with `context` and `question`, got {type(inputs).__name__}.")
+        context = inputs.get("context")
+        if not isinstance(context, str):
+            raise TypeError(f"`context` must be a string, got {type(context).__name__}.")
+        if not context.strip():
+            raise ValueError("The context is empty.")
+        has_one, has_many = "question" in inputs, "questions" in inputs
+        if has_one == has_many:
+            raise ValueError("Give exactly one of `question` (a string) and `questions` (a list of strings).")
+        questions = [inputs["question"]] if has_one else inputs["questions"]
+        if not isinstance(questions, (list, tuple)) or not questions:
+            raise TypeError("`questions` must be a non-empty list of strings.")
+        for position, text in enumerate(questions):
+            if not isinstance(text, str):
+                raise TypeError(f"Question {position} must be a string, got {type(text).__name__}.")
+            if not text.strip():
+                raise ValueError(f"Question {position} is empty.")
+        context_batch = self.tokenizer([context], add_special_tokens=False, return_tensors="pt")
+        if context_batch["input_ids"].shape[1] == 0:
+            raise ValueError("The context has no tokens.")
+        query_batch = self.tokenizer(list(questions), add_special_tokens=False, padding=True, return_tensors="pt")
+        model_inputs = {
+            "input_ids": context_batch["input_ids"],
+            "attention_mask": context_batch["attention_mask"],
+            "query_ids": query_batch["input_ids"],
+            "query_attention_mask": query_batch["attention_mask"],
+        }
+        if has_many:
+            model_inputs["several_questions"] = True
+        return model_inputs
+
+    def _forward(
+        self,
+        model_inputs: dict,
+        merge_size: int | None = None,
+        return_compression: bool = False,
+        generate_kwargs: dict | None = None,
+    ) -> dict:
+        several = model_inputs.pop("several_questions", False)
+        input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        query_ids, query_mask = model_inputs["query_ids"], model_inputs["query_attention_mask"]
+        if several:
+            # One context, many questions: its encoder pass is shared by all of them.
+            contexts = {"context_encoding": self.model.encode_context(input_ids, attention_mask)}
+        else:
+            contexts = {"input_ids": input_ids, "attention_mask": attention_mask}
+        memory, memory_mask, *details = self.model.compress(
+            query_ids=query_ids,
+            query_attention_mask=query_mask,
+            merge_size=merge_size,
+            return_details=return_compression,
+            **contexts,
+        )
+        generated = self.model.generate(
+            query_ids=query_ids,
+            query_attention_mask=query_mask,
+            memory=(memory, memory_mask),
+            **(generate_kwargs or {}),
+        )
+        if not isinstance(generated, torch.Tensor):
+            generated = generated.sequences
+        outputs = {
+            "generated": generated,
+            "memory_tokens": memory_mask.sum(1),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
+        if several:
+            outputs["several_questions"] = True
+        if return_compression:
+            outputs["token_memory"] = details[0].token_memory
+            outputs["token_weight"] = details[0].token_weight
+        return outputs
+
+    def postprocess(self, model_outputs: dict, return_compression: bool = False) -> dict:
+        generated = model_outputs["generated"]
+        answers = [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        context_ids = model_outputs["input_ids"][0][model_outputs["attention_mask"][0].bool()].tolist()
+        context_tokens = len(context_ids)
+        memory_tokens = [int(count) for count in model_outputs["memory_tokens"]]
+        ratios = [context_tokens / count for count in memory_tokens]
+        compressions = []
+        if return_compression:
+            token_texts = _token_texts(self.tokenizer, context_ids)
+            for row, count in enumerate(memory_tokens):
+                compressions.append(
+                    _compression_record(
+                        token_texts,
+                        model_outputs["token_memory"][row][:context_tokens].tolist(),
+                        model_outputs["token_weight"][row][:context_tokens].tolist(),
+                        count,
+                    )
+                )
+        if model_outputs.get("several_questions", False):
+            result = {
+                "answers": answers,
+                "context_tokens": context_tokens,
+                "memory_tokens": memory_tokens,
+                "compression_ratio": ratios,
+            }
+            if return_compression:
+                result["compressions"] = compressions
+            return result
+        result = {
+            "answer": answers[0],
+            "context_tokens": context_tokens,
+            "memory_tokens": memory_tokens[0],
+            "compression_ratio": ratios[0],
+        }
+        if return_compression:
+            result["compression"] = compressions[0]
+        return result
+
+
+def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's text as it reads in the decoded context, with its leading space if any.
+
+    Decoding tokens one by one loses the spaces tokenizers put between words; the text a token
+    adds after its predecessor keeps them.
+    """
+    texts = []
+    for position, token in enumerate(token_ids):
+        alone = tokenizer.decode([token])
+        if position:
+            previous = tokenizer.decode([token_ids[position - 1]])
+            pair = tokenizer.decode([token_ids[position - 1], token])
+            if pair.startswith(previous):
+                alone = pair[len(previous) :]
+        texts.append(alone)
+    return texts
+
+
+def _compression_record(tokens: list[str], token_memory: list[int], token_weight: list[float], count: int) -> dict:
+    """Per memory vector: the span `[start, end)` of context tokens it fused and their weights.
+
+    Each memory vector fuses a run of consecutive tokens, in order, so one pass finds the runs.
+    """
+    starts = [
+        position
+        for position in range(len(token_memory))
+        if position == 0 or token_memory[position] != token_memory[position - 1]
+    ]
+    ends = starts[1:] + [len(token_memory)]
+    groups = [{"start": start, "end": end, "weights": token_weight[start:end]} for start, end in zip(starts, ends, strict=True)]
+    if len(groups) != count or [token_memory[start] for start in starts] != list(range(count)):
+        raise RuntimeError("The compression details do not describe consecutive runs of tokens.")
+    return {"tokens": tokens, "groups": groups}
+
+
+def custom_pipelines_entry(pipeline_class: type = COMIQuestionAnsweringPipeline) -> dict:
+    """The `custom_pipelines` entry of a saved model's config, as `Pipeline.save_pretrained` writes it."""
+    module = pipeline_class.__module__.rsplit(".", 1)[-1]
+    return {
+        PIPELINE_TASK: {
+            "impl": f"{module}.{pipeline_class.__name__}",
+            "pt": ["AutoModelForCausalLM"],
+            "tf": [],
+            "type": "text",
+        }
+    }
+
+
+if PIPELINE_TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=COMIQuestionAnsweringPipeline, pt_model=AutoModelForCausalLM, type="text"
+    )
