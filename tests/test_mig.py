@@ -193,3 +193,30 @@ def test_extra_memory_stays_below_the_input_size_when_one_group_holds_most_token
     # The meter sees the padded layout's cost, and ours stays within the input's size.
     assert naive.peak > 10 * states.nbytes
     assert ours.peak <= states.nbytes
+
+
+def test_memory_kept_for_backward_grows_linearly_with_a_skewed_allocation():
+    """With autograd on, what is kept for backward must not grow with the squared group size."""
+    ratios = []
+    for length in (1500, 3000):
+        generator = torch.Generator().manual_seed(0)
+        states = torch.randn(1, length, 32, generator=generator, requires_grad=True)
+        query = states[0, 100:104].detach().mean(0, keepdim=True)
+        sizes = reference_group_sizes(
+            states[0].detach().double(),
+            query[0].double(),
+            16,
+            coarse=True,
+            coarse_redundancy=True,
+            alpha_select=40.0,
+            beta_select=1.0,
+        )
+        assert max(sizes) > length // 4
+        meter = PeakMemory()
+        with meter:
+            memory, _ = mig_compress(states, query, 16, alpha_select=40.0)
+        ratios.append(meter.peak / states.nbytes)
+        memory.sum().backward()
+        assert torch.isfinite(states.grad).all()
+    # A constant multiple of the input (the official layout: groups x longest x hidden, kept twice).
+    assert ratios[1] < 1.2 * ratios[0] and ratios[1] < 12

@@ -483,3 +483,59 @@ def test_resize_token_embeddings_resizes_encoder_and_decoder():
     assert model.decoder.model.embed_tokens.weight.shape[0] == 352
     assert model.decoder.lm_head.weight.shape[0] == 352
     assert model.config.text_config.vocab_size == 352
+
+
+def test_a_given_generation_config_keeps_the_penalty_fix():
+    from transformers import GenerationConfig
+
+    model = tiny_comi().double()
+    batch = random_batch(padding_side="left")
+    for options in ({"generation_config": GenerationConfig(max_new_tokens=10)}, {"repetition_penalty": None}):
+        batched = model.generate(*batch, eos_token_id=None, **{"max_new_tokens": 10, **options})
+        for i in range(3):
+            alone = model.generate(*sample(batch, i), eos_token_id=None, **{"max_new_tokens": 10, **options})
+            assert batched[i].tolist() == alone[0].tolist(), options
+
+
+def test_checkpoint_without_generation_config_gets_the_official_settings(tmp_path):
+    tiny_comi().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    loaded = COMIForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.generation_config.repetition_penalty == 1.3
+    assert loaded.generation_config.max_new_tokens == 20
+    assert loaded.generation_config.do_sample is False
+
+
+def test_from_backbone_in_bfloat16_keeps_learnable_weights_in_float32(tmp_path):
+    AutoModelForCausalLM.from_config(backbone_config("qwen2")).save_pretrained(tmp_path)
+    model = COMIForConditionalGeneration.from_backbone(
+        tmp_path, dtype=torch.bfloat16, encoder_layers=2, learnable_merge_weights=True, alpha_merge=1.25
+    )
+    assert model.compressor.alpha_merge.dtype == torch.float32
+    assert model.compressor.alpha_merge.item() == 1.25
+    assert model.encoder.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_text_input_with_a_tokenizer_that_has_no_pad_token(tokenizer):
+    import copy
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    model = tiny_comi()
+    contexts = ["the code of red river is 4821 .", "old mill is north of the lake ."]
+    queries = ["what is the code ?", "which ?"]
+    assert torch.equal(
+        model.generate(context=contexts, query=queries, tokenizer=no_pad, max_new_tokens=4),
+        model.generate(context=contexts, query=queries, tokenizer=tokenizer, max_new_tokens=4),
+    )
+
+
+def test_empty_batches_and_malformed_labels_are_named():
+    model = tiny_comi()
+    ids, query = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    with pytest.raises(ValueError, match="is an empty batch"):
+        model.generate(ids[:0], None, query[:0], None)
+    for labels in (torch.tensor([4, 5]), torch.tensor([[4.0, 5.0]]), [[4, 5]], torch.tensor([[4], [5]])):
+        with pytest.raises(ValueError, match="`labels` must be a"):
+            model(ids, None, query, None, labels=labels)

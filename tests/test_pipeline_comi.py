@@ -62,15 +62,17 @@ def test_several_questions_encode_the_context_once(pipe):
         pipe(context=CONTEXT, questions=QUESTIONS * 2, max_new_tokens=2)
     finally:
         hook.remove()
-    # One pass over the context segments, one over the 8 queries (reading the context's cache).
-    assert len(calls) == 2
-    context_pass, query_pass = calls
+    # The context's segments are encoded once (one segment per pass, as the official code does);
+    # then one pass runs the 8 queries, each reading every segment's cache.
     segments = -(-len(pipe.tokenizer(CONTEXT).input_ids) // 48)
     assert segments > 1
-    assert context_pass.get("past_key_values") is None and context_pass["input_ids"].shape[0] == segments
-    assert query_pass["past_key_values"] is not None
-    assert query_pass["input_ids"].shape[0] == 8 * segments  # each question against each segment's cache
-    assert query_pass["input_ids"].shape[1] == max(len(pipe.tokenizer(q).input_ids) for q in QUESTIONS)
+    context_passes = [call for call in calls if call.get("past_key_values") is None]
+    query_passes = [call for call in calls if call.get("past_key_values") is not None]
+    assert sum(call["input_ids"].shape[0] for call in context_passes) == segments
+    assert all(call["input_ids"].shape[1] <= 48 for call in context_passes)
+    assert len(query_passes) == 1
+    assert query_passes[0]["input_ids"].shape[0] == 8 * segments
+    assert query_passes[0]["input_ids"].shape[1] == max(len(pipe.tokenizer(q).input_ids) for q in QUESTIONS)
 
 
 def test_batches_keep_input_order(pipe):

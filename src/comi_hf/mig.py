@@ -369,10 +369,44 @@ def _max_cosine_to_others(
     """For every unit, the largest cosine to another unit of its segment (0 if it is alone).
 
     Unit ``u`` is the vector ``source[unit_index[u]]`` with inverse norm ``inv_norm[u]``; the
-    units of a segment are consecutive: ``segment_start[u] <= u < segment_end[u]``. Units are
-    cut into blocks of ``tile`` units; only the (query block, key block) tiles that share a
-    segment are computed, a bounded number of tiles at a time, so the work is about the sum of
-    squared segment sizes and the scratch memory stays within ``work_elements``.
+    units of a segment are consecutive: ``segment_start[u] <= u < segment_end[u]``.
+
+    The search for each unit's most similar partner runs without autograd, tile by tile; the
+    cosine to that partner is then recomputed with autograd in O(units x hidden). The gradient
+    of a maximum is the gradient at its argmax, so this is exact, and the memory autograd keeps
+    stays linear even when one segment holds most of the units.
+    """
+    with torch.no_grad():
+        partner = _most_similar_partner(
+            source, unit_index, inv_norm.detach(), segment_start, segment_end, work_elements
+        )
+    has_partner = partner >= 0
+    partner = torch.where(has_partner, partner, torch.arange(partner.numel(), device=partner.device))
+    hidden_size = source.shape[1]
+    cosines = []
+    for start, end in _token_chunks(partner.numel(), hidden_size, work_elements):
+        units = torch.arange(start, end, device=partner.device)
+        products = _unit_vectors(source, unit_index, inv_norm, units) * _unit_vectors(
+            source, unit_index, inv_norm, partner[start:end]
+        )
+        cosines.append(products.sum(-1))
+    return torch.where(has_partner, torch.cat(cosines), 0.0)
+
+
+def _most_similar_partner(
+    source: torch.Tensor,
+    unit_index: torch.Tensor,
+    inv_norm: torch.Tensor,
+    segment_start: torch.Tensor,
+    segment_end: torch.Tensor,
+    work_elements: int,
+) -> torch.Tensor:
+    """``(units,)`` index of each unit's most similar other unit of its segment (the first on
+    ties), -1 for a unit alone in its segment.
+
+    Units are cut into blocks of ``tile`` units; only the (query block, key block) tiles that
+    share a segment are computed, a bounded number of tiles at a time, so the work is about the
+    sum of squared segment sizes and the scratch memory stays within ``work_elements``.
     """
     device = inv_norm.device
     num_units = unit_index.numel()
@@ -394,6 +428,7 @@ def _max_cosine_to_others(
     tile_key = key_block_first[tile_query] + tile_offset
 
     best = torch.full((num_units,), -math.inf, dtype=inv_norm.dtype, device=device)
+    partner = torch.full((num_units,), -1, dtype=torch.long, device=device)
     within_tile = torch.arange(tile, device=device)
     tiles_per_chunk = max(1, work_elements // (2 * tile * hidden_size + 4 * tile * tile))
     for start in range(0, tile_query.numel(), tiles_per_chunk):
@@ -411,9 +446,26 @@ def _max_cosine_to_others(
             & (query_units[:, :, None] != key_units[:, None, :])
             & key_valid[:, None, :]
         )
-        tile_best = cosine.masked_fill(~allowed, -math.inf).amax(dim=-1)
-        best = best.scatter_reduce(0, query_units[query_valid], tile_best[query_valid], "amax")
-    return torch.where(torch.isneginf(best), torch.zeros_like(best), best)
+        tile_best, tile_arg = cosine.masked_fill(~allowed, -math.inf).max(dim=-1)
+        tile_partner = key_units.gather(1, tile_arg)
+        # A query block's tiles are consecutive, so the units of this chunk form one range:
+        # reduce over the chunk's tiles there, then merge with what earlier chunks found.
+        units, values, partners = query_units[query_valid], tile_best[query_valid], tile_partner[query_valid]
+        first = int(units.min())
+        local = units - first
+        span = int(local.max()) + 1
+        chunk_best = torch.full((span,), -math.inf, dtype=values.dtype, device=device)
+        chunk_best = chunk_best.scatter_reduce(0, local, values, "amax")
+        on_top = (values == chunk_best[local]) & torch.isfinite(values)
+        chunk_partner = torch.full((span,), num_units, dtype=torch.long, device=device)
+        chunk_partner = chunk_partner.scatter_reduce(0, local[on_top], partners[on_top], "amin")
+        previous_best, previous_partner = best[first : first + span], partner[first : first + span]
+        better = (chunk_best > previous_best) | (
+            (chunk_best == previous_best) & torch.isfinite(chunk_best) & (chunk_partner < previous_partner)
+        )
+        best[first : first + span] = torch.where(better, chunk_best, previous_best)
+        partner[first : first + span] = torch.where(better, chunk_partner, previous_partner)
+    return partner
 
 
 def _unit_vectors(

@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_comi import COMIConfig
 from .mig import MIGDetails, mig_compress
-from .pipeline_comi import custom_pipelines_entry
+from .pipeline_comi import custom_pipelines_entry, encode_texts
 
 __all__ = [
     "COMICompressionDetails",
@@ -261,6 +261,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         # transformers remembers the key mapping used to load and reverts it on save; this model
         # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
         vars(model).pop("_weight_conversions", None)
+        # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
+        # only to weights found in the checkpoint.
+        model.compressor.float()
         model.copy_backbone_into_encoder_and_lsa()
         model.generation_config = official_generation_config(model.config)
         return model
@@ -280,6 +283,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         # is registered by importing this code, and a `custom_pipelines` entry on the live config
         # would make `pipeline("comi-qa", model=model)` demand `trust_remote_code`.
         vars(model.config).pop("custom_pipelines", None)
+        if getattr(model.generation_config, "_from_model_config", False):
+            # No generation_config.json (e.g. a converted checkpoint): the official settings.
+            model.generation_config = official_generation_config(model.config)
         problems = _loading_problems(loading_info)
         if problems:
             hint = ""
@@ -322,9 +328,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         rows = self._context_rows(input_ids, attention_mask)
         if not self._encoder_caches_whole_context():
             return rows
-        output = self.encoder(input_ids=rows.input_ids, attention_mask=rows.context_mask.long(), use_cache=True)
-        rows.hidden_states = output.last_hidden_state
-        rows.key_values = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        rows.hidden_states, rows.key_values = self._encode_rows(
+            rows.input_ids, rows.context_mask, rows_per_pass=rows.batch_size, use_cache=True
+        )
         return rows
 
     def compress(
@@ -389,9 +395,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             ids, mask, segment_mask, query_rows_mask = _concatenate_rows(
                 segment_ids, segment_mask, row_query_ids, row_query_len
             )
-            context_hidden = query_hidden = self.encoder(
-                input_ids=ids, attention_mask=mask.long(), use_cache=False
-            ).last_hidden_state
+            context_hidden = query_hidden = self._encode_rows(ids, mask, rows_per_pass=num_queries)[0]
 
         # Mean of the query's hidden states, accumulated in float32 at least.
         query_weights = query_rows_mask.to(torch.promote_types(query_hidden.dtype, torch.float32))
@@ -413,6 +417,34 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         context_mask = _real_token_mask(input_ids, attention_mask, "input_ids", "attention_mask")
         _require_non_empty(context_mask, "context")
         return _segment_contexts(input_ids, context_mask, self.config.segment_size)
+
+    def _encode_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int, use_cache: bool = False
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Encoder over right-padded rows, `rows_per_pass` at a time.
+
+        Like the official code, which encodes one segment of every context per pass, this keeps
+        the encoder's working memory at one segment per sample however long the contexts are.
+        Returns the last hidden states `(rows, len, hidden)` and, with `use_cache`, the key/value
+        cache of every layer.
+        """
+        hidden, caches = [], []
+        for start in range(0, input_ids.shape[0], rows_per_pass):
+            output = self.encoder(
+                input_ids=input_ids[start : start + rows_per_pass],
+                attention_mask=attention_mask[start : start + rows_per_pass].long(),
+                use_cache=use_cache,
+            )
+            hidden.append(output.last_hidden_state)
+            if use_cache:
+                caches.append([(layer.keys, layer.values) for layer in output.past_key_values.layers])
+        key_values = None
+        if use_cache:
+            key_values = [
+                (torch.cat([cache[i][0] for cache in caches]), torch.cat([cache[i][1] for cache in caches]))
+                for i in range(len(caches[0]))
+            ]
+        return (torch.cat(hidden) if len(hidden) > 1 else hidden[0]), key_values
 
     def _encoder_caches_whole_context(self) -> bool:
         # Sliding-window layers keep only the last tokens of a (right-padded) row in their
@@ -494,8 +526,16 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             (torch.full(query_ids.shape, -100, device=memory.device), query_mask),
         ]
         if labels is not None:
-            if labels.shape[0] != query_ids.shape[0]:
-                raise ValueError(f"`labels` holds {labels.shape[0]} answers for {query_ids.shape[0]} queries.")
+            if (
+                not isinstance(labels, torch.Tensor)
+                or labels.dim() != 2
+                or labels.dtype not in (torch.long, torch.int)
+                or labels.shape[0] != query_ids.shape[0]
+            ):
+                raise ValueError(
+                    f"`labels` must be a ({query_ids.shape[0]}, answer_len) tensor of token ids (-100 on padding), "
+                    f"got {_describe(labels)}."
+                )
             answer_mask = labels != -100
             parts.append((embed(labels.masked_fill(~answer_mask, 0)), answer_mask))
             label_parts.append((labels, answer_mask))
@@ -587,15 +627,19 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
         inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
 
+        # Resolve the settings as `generate` does (call arguments > the given config > the
+        # model's), so that the repetition penalty in force is known here.
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        generation_config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
         generate_kwargs = generation_config.update(**kwargs)
         processors = LogitsProcessorList(logits_processor or [])
         penalty = generation_config.repetition_penalty
+        # `generate` skips each sample's left-padding length of the token history when it
+        # applies this penalty; with an embeddings prompt that history holds only new tokens,
+        # so padded samples would escape it. Apply it here, over all of them, and keep the
+        # decoder from adding its own.
+        generation_config.repetition_penalty = 1.0
         if penalty is not None and penalty != 1.0:
-            # `generate` skips each sample's left-padding length of the token history when it
-            # applies this penalty; with an embeddings prompt that history holds only new
-            # tokens, so padded samples would escape the penalty. Apply it over all of them.
-            generation_config.repetition_penalty = 1.0
             processors.append(RepetitionPenaltyLogitsProcessor(penalty))
         # The decoder fills unset generation values from its own generation config: make it ours.
         self.decoder.generation_config = self.generation_config
@@ -653,6 +697,8 @@ def _real_token_mask(
 ) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"`{ids_name}` must be a (batch, length) tensor of token ids, got {_describe(ids)}.")
+    if ids.shape[0] == 0:
+        raise ValueError(f"`{ids_name}` is an empty batch.")
     if mask is None:
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
@@ -687,8 +733,7 @@ def _tokenize_text(context, query, tokenizer):
         empty = [i for i, item in enumerate(texts) if not item.strip()]
         if empty:
             raise ValueError(f"Empty {name} text at position(s) {empty}.")
-        batch = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
-        encoded.append((batch["input_ids"], batch["attention_mask"]))
+        encoded.append(encode_texts(tokenizer, texts))
     (context_ids, context_mask), (query_ids, query_mask) = encoded
     return context_ids, context_mask, query_ids, query_mask
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-__all__ = ["PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry"]
+__all__ = ["PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry", "encode_texts"]
 
 PIPELINE_TASK = "comi-qa"
 
@@ -93,15 +93,15 @@ class COMIQuestionAnsweringPipeline(Pipeline):
                 raise TypeError(f"Question {position} must be a string, got {type(text).__name__}.")
             if not text.strip():
                 raise ValueError(f"Question {position} is empty.")
-        context_batch = self.tokenizer([context], add_special_tokens=False, return_tensors="pt")
-        if context_batch["input_ids"].shape[1] == 0:
+        input_ids, attention_mask = encode_texts(self.tokenizer, [context])
+        if input_ids.shape[1] == 0:
             raise ValueError("The context has no tokens.")
-        query_batch = self.tokenizer(list(questions), add_special_tokens=False, padding=True, return_tensors="pt")
+        query_ids, query_attention_mask = encode_texts(self.tokenizer, questions)
         model_inputs = {
-            "input_ids": context_batch["input_ids"],
-            "attention_mask": context_batch["attention_mask"],
-            "query_ids": query_batch["input_ids"],
-            "query_attention_mask": query_batch["attention_mask"],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "query_ids": query_ids,
+            "query_attention_mask": query_attention_mask,
         }
         if has_many:
             model_inputs["several_questions"] = True
@@ -188,6 +188,20 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         if return_compression:
             result["compression"] = compressions[0]
         return result
+
+
+def encode_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `(len(texts), longest)` and attention mask, without special tokens (as the
+    official code does), right-padded with id 0: COMI masks padding everywhere, so this works for
+    tokenizers that have no pad token (Llama, Mistral)."""
+    token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    width = max(len(tokens) for tokens in token_lists)
+    input_ids = torch.zeros(len(token_lists), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(token_lists), width, dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+    return input_ids, attention_mask
 
 
 def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
