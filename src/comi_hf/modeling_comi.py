@@ -95,15 +95,22 @@ class COMIMIGCompressor(nn.Module):
 
     def __init__(self, config: COMIConfig):
         super().__init__()
+        for stage, learnable in (("select", config.learnable_select_weights), ("merge", config.learnable_merge_weights)):
+            if learnable:
+                for weight in ("alpha", "beta"):
+                    name = f"{weight}_{stage}"
+                    setattr(self, name, nn.Parameter(torch.tensor(float(getattr(config, name)))))
+        self.read_config(config)
+
+    def read_config(self, config: COMIConfig) -> None:
+        """Take the stage switches and the fixed (not learnable) weights from `config`."""
         self.coarse = config.coarse_grained
         self.fine = config.fine_grained
         self.coarse_redundancy = config.coarse_redundancy
         self.fine_redundancy = config.fine_redundancy
-        for stage, learnable in (("select", config.learnable_select_weights), ("merge", config.learnable_merge_weights)):
-            for weight in ("alpha", "beta"):
-                name = f"{weight}_{stage}"
-                value = float(getattr(config, name))
-                setattr(self, name, nn.Parameter(torch.tensor(value)) if learnable else value)
+        for name in ("alpha_select", "beta_select", "alpha_merge", "beta_merge"):
+            if not isinstance(getattr(self, name, None), nn.Parameter):
+                setattr(self, name, float(getattr(config, name)))
 
     def forward(
         self,
@@ -175,6 +182,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             hidden_size = config.text_config.hidden_size
             self.lsa = nn.Linear(hidden_size, hidden_size)
         self.decoder = AutoModelForCausalLM.from_config(config.text_config)
+        # `labels` hold the answer alone, and every answer token is predicted (the first from the
+        # query's last position): not a causal-LM loss over the labels' own sequence. This tells
+        # `Trainer` to count every label, not `labels[..., 1:]`, when it normalises the loss.
+        self.loss_type = None
         self.post_init()
         self.generation_config = official_generation_config(config)
 

@@ -1,0 +1,60 @@
+"""Write a tiny random decoder-only backbone and its tokenizer, for trying the examples offline.
+
+    python examples/make_tiny_backbone.py tiny-backbone
+
+A word-level tokenizer over the words of `examples/data/*.jsonl` and a 4-layer Llama with
+hidden size 64. Random weights: COMI fine-tuning on the example data shows the loss falling,
+not a useful model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def main(output_dir: str) -> None:
+    words = set()
+    for path in sorted(DATA.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            answers = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+            for text in (record["input"], record["prompt"], *answers):
+                words.update(text.split())
+    vocabulary = ["<pad>", "</s>", "<unk>", *sorted(words)]
+    word_level = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    print(f"wrote a {len(vocabulary)}-word tiny Llama backbone to {output_dir}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python examples/make_tiny_backbone.py OUTPUT_DIR")
+    main(sys.argv[1])

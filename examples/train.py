@@ -1,0 +1,238 @@
+"""Fine-tune COMI with `Trainer` and PEFT (the official recipe by default).
+
+    python examples/train.py --model_name_or_path Qwen/Qwen3-4B-Instruct-2507 \
+        --train_file train.jsonl --validation_file dev.jsonl --output_dir comi-qwen3-4b \
+        --merge_sizes 16 32 --bf16 --gradient_checkpointing --learning_rate 1e-5 --warmup_ratio 0.1
+
+`--model_name_or_path` is a plain decoder-only backbone (COMI is built from it with
+`from_backbone`) or an existing COMI checkpoint. Data is JSONL in the official format. The
+output directory holds a COMI model (LoRA merged unless `--keep_adapter`), its tokenizer and a
+model card; it loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)` and with
+`pipeline(model=dir, trust_remote_code=True)`. Run it under `accelerate launch` to scale out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from comi_hf import COMIConfig, COMIForConditionalGeneration
+from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example
+from comi_hf.evaluation import answer_dataset, summarize
+from comi_hf.model_card import write_model_card
+from comi_hf.training import DEFAULT_LORA_TARGETS, finalize_trained_model, prepare_for_training
+
+logger = logging.getLogger("comi_hf.train")
+
+Mode = Literal["full", "lora", "freeze"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A decoder-only backbone or a COMI checkpoint."})
+    encoder_layers: int | None = field(default=None, metadata={"help": "Backbone layers in the encoder (8)."})
+    num_mem_fusion_layers: int | None = field(default=None, metadata={"help": "LSA layers (1; 0 = Linear)."})
+    merge_size: int | None = field(default=None, metadata={"help": "Default merge size (16)."})
+    merge_sizes: list[int] | None = field(default=None, metadata={"help": "Merge sizes sampled per batch."})
+    segment_size: int | None = field(default=None, metadata={"help": "Segment length for long contexts."})
+    coarse_grained: bool | None = field(default=None, metadata={"help": "Coarse stage on/off."})
+    fine_grained: bool | None = field(default=None, metadata={"help": "Fine stage on/off."})
+    coarse_redundancy: bool | None = field(default=None, metadata={"help": "Coarse redundancy on/off."})
+    fine_redundancy: bool | None = field(default=None, metadata={"help": "Fine redundancy on/off."})
+    alpha_select: float | None = field(default=None)
+    beta_select: float | None = field(default=None)
+    alpha_merge: float | None = field(default=None)
+    beta_merge: float | None = field(default=None)
+    learnable_select_weights: bool | None = field(default=None, metadata={"help": "Learn alpha/beta_select."})
+    learnable_merge_weights: bool | None = field(default=None, metadata={"help": "Learn alpha/beta_merge."})
+    train_encoder: Mode = field(default="full", metadata={"help": "full, lora or freeze."})
+    train_lsa: Mode = field(default="full", metadata={"help": "full, lora or freeze."})
+    train_decoder: Mode = field(default="lora", metadata={"help": "full, lora or freeze."})
+    lora_r: int = field(default=128)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    keep_adapter: bool = field(
+        default=False, metadata={"help": "Also save the unmerged LoRA adapter (peft format) in output_dir/adapter."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2."})
+    model_card_notes: str | None = field(default=None, metadata={"help": "Extra text for the model card."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "Training JSONL (input, prompt, answer)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation JSONL: loss and EM/F1."})
+    max_context_tokens: int | None = field(
+        default=None, metadata={"help": "Keep at most this many context tokens (first and last halves)."}
+    )
+
+
+@dataclass
+class COMITrainingArguments(TrainingArguments):
+    # The collator needs every column it built. (`report_to` already defaults to "none".)
+    remove_unused_columns: bool = field(default=False)
+
+
+COMI_FIELDS = (
+    "encoder_layers",
+    "num_mem_fusion_layers",
+    "merge_size",
+    "merge_sizes",
+    "segment_size",
+    "coarse_grained",
+    "fine_grained",
+    "coarse_redundancy",
+    "fine_redundancy",
+    "alpha_select",
+    "beta_select",
+    "alpha_merge",
+    "beta_merge",
+    "learnable_select_weights",
+    "learnable_merge_weights",
+)
+# Fields that change the architecture: an existing COMI checkpoint keeps its own.
+ARCHITECTURE_FIELDS = ("encoder_layers", "num_mem_fusion_layers", "learnable_select_weights", "learnable_merge_weights")
+
+
+def load_model(model_args: ModelArguments, dtype: torch.dtype | None) -> tuple[COMIForConditionalGeneration, str]:
+    """The COMI model to train and the name of its backbone."""
+    overrides = {name: getattr(model_args, name) for name in COMI_FIELDS if getattr(model_args, name) is not None}
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if config.model_type != COMIConfig.model_type:
+        model = COMIForConditionalGeneration.from_backbone(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation, **overrides
+        )
+        return model, model_args.model_name_or_path
+    changed = [name for name in ARCHITECTURE_FIELDS if name in overrides and overrides[name] != getattr(config, name)]
+    if changed:
+        raise SystemExit(f"error: {model_args.model_name_or_path} is a COMI checkpoint; it keeps its own {changed}.")
+    model = COMIForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
+    for name, value in overrides.items():
+        setattr(model.config, name, value)
+    model.config.validate()
+    model.compressor.read_config(model.config)
+    base = getattr(model.config.text_config, "_name_or_path", "") or model_args.model_name_or_path
+    return model, base
+
+
+def tokenized(path: str, tokenizer, max_context_tokens: int | None):
+    dataset = load_comi_jsonl(path)
+    return dataset, dataset.map(
+        tokenize_example,
+        fn_kwargs={"tokenizer": tokenizer, "max_context_tokens": max_context_tokens},
+        remove_columns=dataset.column_names,
+        desc=f"Tokenising {Path(path).name}",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, COMITrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(sys.argv[1])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+    model, base_model = load_model(model_args, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    train_raw, train_dataset = tokenized(data_args.train_file, tokenizer, data_args.max_context_tokens)
+    eval_raw = eval_dataset = None
+    if data_args.validation_file:
+        eval_raw, eval_dataset = tokenized(data_args.validation_file, tokenizer, data_args.max_context_tokens)
+
+    trainable = prepare_for_training(
+        model,
+        encoder=model_args.train_encoder,
+        lsa=model_args.train_lsa,
+        decoder=model_args.train_decoder,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        lora_target_modules=model_args.lora_target_modules,
+    )
+    counts = [(p.numel(), p.requires_grad) for p in trainable.parameters()]
+    logger.info("trainable parameters: %d of %d", sum(n for n, grad in counts if grad), sum(n for n, _ in counts))
+    trainer = Trainer(
+        model=trainable,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=COMIDataCollator(),
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.wait_for_everyone()
+    deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
+    if trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
+        # Sharded parameters: `save_model` gathers them; the LoRA merge needs the full weights,
+        # so it is left to a single process (load with `peft.PeftModel.from_pretrained`, then
+        # `merge_and_unload()`), which this machine-independent script does not attempt here.
+        trainer.save_model(training_args.output_dir)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(training_args.output_dir)
+            logger.warning(
+                "sharded training: saved the trainer's model (LoRA not merged) to %s", training_args.output_dir
+            )
+        return
+    if not trainer.is_world_process_zero():
+        return
+
+    output_dir = Path(training_args.output_dir)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if model_args.keep_adapter and hasattr(trained, "peft_config"):
+        trained.save_pretrained(output_dir / "adapter")
+    final = finalize_trained_model(trained).eval()
+    final.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+    evaluation = None
+    if eval_raw is not None:
+        records = answer_dataset(
+            final,
+            tokenizer,
+            eval_raw,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_context_tokens=data_args.max_context_tokens,
+        )
+        evaluation = summarize(records, final.config.merge_size)
+        (output_dir / "eval_metrics.json").write_text(json.dumps(evaluation, indent=2))
+        logger.info("validation: %s", evaluation)
+    summary = {
+        "processes": training_args.world_size,
+        "effective batch size": training_args.per_device_train_batch_size
+        * training_args.world_size
+        * training_args.gradient_accumulation_steps,
+        "steps": result.global_step,
+        "final training loss": f"{result.training_loss:.4f}",
+        "learning rate": training_args.learning_rate,
+        "parts trained": f"encoder {model_args.train_encoder}, LSA {model_args.train_lsa}, "
+        f"decoder {model_args.train_decoder}"
+        + (f" (LoRA r {model_args.lora_r}, alpha {model_args.lora_alpha} on {model_args.lora_target_modules})"),
+    }
+    write_model_card(
+        output_dir,
+        base_model=base_model,
+        merge_size=final.config.merge_size,
+        merge_sizes=final.config.merge_sizes,
+        training_data=[Path(data_args.train_file).name],
+        training_summary=summary,
+        evaluation=evaluation,
+        evaluation_data=Path(data_args.validation_file).name if data_args.validation_file else None,
+        notes=model_args.model_card_notes,
+    )
+    logger.info("saved the COMI model to %s", output_dir)
+
+
+if __name__ == "__main__":
+    main()

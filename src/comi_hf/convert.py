@@ -1,0 +1,196 @@
+"""`comi-convert`: turn a checkpoint of the official COMI training code into a COMI directory.
+
+    comi-convert model.safetensors --backbone Qwen/Qwen3-4B-Instruct-2507 --output-dir comi-qwen3 \
+        --lora-r 128 --lora-alpha 32 [--merge-size 16] [--segment-size 10000]
+
+The official script saves the whole module's `state_dict()` (SPEC §7). Encoder and LSA depths
+are read from the keys, the decoder's LoRA is merged with scaling alpha / r (the checkpoint does
+not record it: pass the training run's values), and the tokenizer is copied from the backbone.
+Every key is either used or dropped for a stated reason; anything else stops the conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+__all__ = ["convert_official_state_dict", "main"]
+
+_LORA = re.compile(r"^decoder\.(.+)\.(lora_A|lora_B)\.default\.weight$")
+_BASE_LAYER = re.compile(r"^decoder\.(.+)\.base_layer\.(weight|bias)$")
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_SCALARS = ("alpha_select", "beta_select", "alpha_merge", "beta_merge")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is not an official COMI checkpoint for this backbone."""
+
+
+def _depth(keys: list[str], prefix: str) -> int:
+    indices = {int(match.group(1)) for key in keys if key.startswith(prefix) for match in [_LAYER_INDEX.search(key)]}
+    return max(indices) + 1 if indices else 0
+
+
+def convert_official_state_dict(
+    state_dict: dict[str, torch.Tensor], lora_r: int, lora_alpha: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, int], list[tuple[str, str]]]:
+    """Map official keys to COMI's.
+
+    Returns the COMI state dict, the alpha/beta scalars, the depths (`encoder_layers`,
+    `num_mem_fusion_layers`) and the dropped keys with their reasons.
+    """
+    if lora_r < 1 or lora_alpha <= 0:
+        raise ValueError(f"--lora-r must be >= 1 and --lora-alpha > 0, got {lora_r} and {lora_alpha}.")
+    # Older checkpoints name the encoder `icae`.
+    state = {
+        ("encoder." + key[len("icae.") :] if key.startswith("icae.") else key): value
+        for key, value in state_dict.items()
+    }
+    keys = sorted(state)
+    # The decoder may be a peft model (LoRA) or a plain one (fully fine-tuned).
+    state = {re.sub(r"^decoder\.base_model\.model\.", "decoder.", key): value for key, value in state.items()}
+    depths = {
+        "encoder_layers": _depth(keys, "encoder.model.layers."),
+        "num_mem_fusion_layers": _depth(keys, "memory_fusion_layer.model.layers."),
+    }
+    if depths["encoder_layers"] == 0:
+        raise CheckpointMismatch("no `encoder.model.layers.*` (or `icae.*`) keys: not an official COMI checkpoint.")
+
+    converted: dict[str, torch.Tensor] = {}
+    scalars: dict[str, float] = {}
+    dropped: list[tuple[str, str]] = []
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        if key in _SCALARS:
+            scalars[key] = float(value.float().item())
+        elif key == "encoder.lm_head.weight":
+            dropped.append((key, "the encoder's LM head is never used (COMI reads its hidden states)"))
+        elif key.startswith("encoder.model."):
+            converted["encoder." + key[len("encoder.model.") :]] = value
+        elif key == "memory_fusion_layer.lm_head.weight":
+            dropped.append((key, "the LSA's LM head is never used"))
+        elif key == "memory_fusion_layer.model.embed_tokens.weight":
+            dropped.append((key, "the LSA reads memory vectors, never token ids"))
+        elif key.startswith("memory_fusion_layer.model."):
+            converted["lsa." + key[len("memory_fusion_layer.model.") :]] = value
+        elif key.startswith("semantic_alignment_layer."):
+            reason = (
+                "the LSA layers are on, and the official code then skips this Linear"
+                if depths["num_mem_fusion_layers"]
+                else "the official code skips this Linear when encoder and decoder widths are equal "
+                "(one backbone): the memory reaches the decoder unchanged, as COMI's identity-initialised map does"
+            )
+            dropped.append((key, reason))
+        elif match := _LORA.match(key):
+            lora.setdefault(match.group(1), {})[match.group(2)] = value
+        elif match := _BASE_LAYER.match(key):
+            lora.setdefault(match.group(1), {})[f"base_{match.group(2)}"] = value
+        elif key.startswith("decoder."):
+            converted[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointMismatch(f"keys the official layout does not have: {', '.join(unknown[:10])}")
+
+    scaling = lora_alpha / lora_r
+    for module, parts in lora.items():
+        if "base_weight" not in parts:
+            raise CheckpointMismatch(f"LoRA weights without a base layer for decoder.{module}")
+        weight = parts["base_weight"]
+        if ("lora_A" in parts) != ("lora_B" in parts):
+            raise CheckpointMismatch(f"decoder.{module} has only one of lora_A / lora_B")
+        if "lora_A" in parts:
+            lora_a, lora_b = parts["lora_A"].float(), parts["lora_B"].float()
+            if lora_a.shape[0] != lora_r:
+                raise CheckpointMismatch(
+                    f"decoder.{module}.lora_A has rank {lora_a.shape[0]}, but --lora-r is {lora_r}"
+                )
+            weight = (weight.float() + scaling * (lora_b @ lora_a)).to(weight.dtype)
+        converted[f"decoder.{module}.weight"] = weight
+        if "base_bias" in parts:
+            converted[f"decoder.{module}.bias"] = parts["base_bias"]
+    return converted, scalars, depths, dropped
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comi-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="model.safetensors written by the official training code (or its folder).")
+    parser.add_argument("--backbone", required=True, help="The backbone the checkpoint was trained from.")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--lora-r", type=int, required=True, help="The training run's LoRA rank.")
+    parser.add_argument("--lora-alpha", type=float, required=True, help="The training run's LoRA alpha.")
+    parser.add_argument("--merge-size", type=int, default=16)
+    parser.add_argument("--segment-size", type=int, default=10000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _convert(args)
+    except (CheckpointMismatch, ValueError, OSError) as error:
+        print(f"comi-convert: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .configuration_comi import COMIConfig
+    from .modeling_comi import COMIForConditionalGeneration, official_generation_config
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise OSError(f"no such checkpoint: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only safetensors checkpoints are read (pickled files can run code).")
+    state, scalars, depths, dropped = convert_official_state_dict(load_file(path), args.lora_r, args.lora_alpha)
+    backbone = AutoConfig.from_pretrained(args.backbone)
+    config = COMIConfig(
+        text_config=backbone,
+        merge_size=args.merge_size,
+        segment_size=args.segment_size,
+        **depths,
+        **scalars,
+    )
+    dtype = next(iter(state.values())).dtype
+    model = COMIForConditionalGeneration._from_config(config, dtype=dtype)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in set(state) & set(expected)
+        if state[key].shape != expected[key].shape
+    )
+    problems = [
+        f"{what}: {', '.join(keys[:8])}" + (f" (+{len(keys) - 8})" if len(keys) > 8 else "")
+        for what, keys in (("missing", missing), ("not in this backbone", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    ]
+    if problems:
+        raise CheckpointMismatch(f"the checkpoint does not match {args.backbone}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    model.generation_config = official_generation_config(model.config)
+    output_dir = Path(args.output_dir)
+    model.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(args.backbone).save_pretrained(output_dir)
+    print(
+        f"converted {path} -> {output_dir}: encoder {depths['encoder_layers']} layers, "
+        f"LSA {depths['num_mem_fusion_layers']} layers, LoRA merged with scaling {args.lora_alpha / args.lora_r:g}"
+    )
+    for key, reason in dropped:
+        print(f"  dropped {key}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

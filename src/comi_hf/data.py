@@ -1,0 +1,139 @@
+"""COMI data: the official JSONL format (SPEC §8), tokenisation (SPEC §6) and a padding collator.
+
+Each line is `{"input": context, "prompt": question, "answer": str or non-empty list of str}`.
+Malformed lines are errors naming the file, the line and the field; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+__all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context"]
+
+
+class MalformedDataError(ValueError):
+    """A JSONL line that does not follow the COMI format."""
+
+
+def _rows(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MalformedDataError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise MalformedDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for field in ("input", "prompt", "answer"):
+                if field not in record:
+                    raise MalformedDataError(f"{where}: missing field `{field}`")
+            for field in ("input", "prompt"):
+                if not isinstance(record[field], str):
+                    raise MalformedDataError(
+                        f"{where}: field `{field}` must be a string, got {type(record[field]).__name__}"
+                    )
+                if not record[field].strip():
+                    raise MalformedDataError(f"{where}: field `{field}` is empty")
+            answers = record["answer"]
+            if isinstance(answers, str):
+                answers = [answers]
+            elif not isinstance(answers, list) or not answers:
+                raise MalformedDataError(f"{where}: field `answer` must be a string or a non-empty list of strings")
+            if not all(isinstance(answer, str) for answer in answers):
+                raise MalformedDataError(f"{where}: field `answer` must hold strings only")
+            if not answers[0].strip():
+                raise MalformedDataError(f"{where}: field `answer` starts with an empty answer")
+            yield {
+                "id": record.get("id", line_number - 1),
+                "context": record["input"],
+                "question": record["prompt"],
+                "answers": answers,
+            }
+
+
+def load_comi_jsonl(path: str | Path) -> Dataset:
+    """Read and validate a COMI JSONL file into a `datasets.Dataset`.
+
+    Columns: `id` (the line's `id` field, else its 0-based line index), `context`, `question`,
+    `answers` (always a list; training uses the first).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed line, naming the file, the line number and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such data file: {path}")
+    rows = list(_rows(path))
+    if not rows:
+        raise MalformedDataError(f"{path}: no examples")
+    ids = [row["id"] for row in rows]
+    if any(type(identifier) is not type(ids[0]) for identifier in ids):
+        # One column type for `datasets`: mixed ids are kept as strings.
+        for row in rows:
+            row["id"] = str(row["id"])
+    return Dataset.from_list(rows)
+
+
+def truncate_context(token_ids: list[int], max_tokens: int | None) -> list[int]:
+    """Keep at most `max_tokens` context tokens: the first half and the last half.
+
+    Middle truncation (as LongBench does) keeps both the opening of a document and its end,
+    where the question's answer most often sits in QA data.
+    """
+    if max_tokens is None or len(token_ids) <= max_tokens:
+        return token_ids
+    head = max_tokens // 2
+    return token_ids[:head] + token_ids[len(token_ids) - (max_tokens - head) :]
+
+
+def tokenize_example(example: dict, tokenizer, max_context_tokens: int | None = None) -> dict:
+    """SPEC §6: context, question and answer without special tokens; labels = first answer + EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token; COMI's labels end with one.")
+    context = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
+    question = tokenizer(example["question"], add_special_tokens=False)["input_ids"]
+    answer = tokenizer(example["answers"][0], add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": truncate_context(context, max_context_tokens),
+        "query_ids": question,
+        "labels": answer + [tokenizer.eos_token_id],
+    }
+
+
+@dataclass
+class COMIDataCollator:
+    """Pads `input_ids`, `query_ids` (with masks) and `labels` (with -100) to the batch's longest.
+
+    The model packs every sample without gaps, so the padding never changes a sample's result.
+    Padding goes on the right; the pad id is 0 (it is masked everywhere, so any id would do).
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for key, mask_key in (("input_ids", "attention_mask"), ("query_ids", "query_attention_mask")):
+            ids, mask = self._pad([feature[key] for feature in features], self.pad_token_id)
+            batch[key], batch[mask_key] = ids, mask
+        if "labels" in features[0]:
+            batch["labels"] = self._pad([feature["labels"] for feature in features], -100)[0]
+        return batch
+
+    @staticmethod
+    def _pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(sequence) for sequence in sequences)
+        ids = torch.full((len(sequences), width), value, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+            mask[row, : len(sequence)] = 1
+        return ids, mask

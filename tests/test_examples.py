@@ -1,0 +1,174 @@
+"""examples/train.py and examples/evaluate.py end to end, in subprocesses, on the shipped data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comi_hf.metrics import normalize_answer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+TRAIN, VALIDATION = EXAMPLES / "data" / "train.jsonl", EXAMPLES / "data" / "validation.jsonl"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _run(command, cwd, timeout=600):
+    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("backbone")
+    _run([sys.executable, str(EXAMPLES / "make_tiny_backbone.py"), str(directory)], directory)
+    return directory
+
+
+def _train_args(backbone, output_dir, *extra):
+    return [
+        str(EXAMPLES / "train.py"),
+        "--model_name_or_path", str(backbone),
+        "--train_file", str(TRAIN),
+        "--output_dir", str(output_dir),
+        "--encoder_layers", "2",
+        "--merge_size", "4",
+        "--merge_sizes", "2", "4",
+        "--per_device_train_batch_size", "8",
+        "--lora_r", "8",
+        "--lora_alpha", "16",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model(backbone, tmp_path):
+    output = tmp_path / "comi"
+    args = ["--max_steps", "32", "--learning_rate", "1e-2", "--logging_steps", "8", "--save_steps", "32"]
+    args += ["--validation_file", str(VALIDATION), "--keep_adapter"]
+    _run([sys.executable, *_train_args(backbone, output, *args)], tmp_path)
+    state = json.loads((output / "checkpoint-32" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # The final directory: merged model, tokenizer, code, pipeline, model card, metrics; adapter kept apart.
+    for name in ("model.safetensors", "tokenizer.json", "modeling_comi.py", "pipeline_comi.py", "README.md"):
+        assert (output / name).exists(), name
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
+    metrics = json.loads((output / "eval_metrics.json").read_text())
+    assert metrics["num_samples"] == 16 and 0 <= metrics["exact_match"] <= 1
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "comi" in card
+    assert "| exact match | F1 |" in card and "Merge size" in card
+    check = (
+        "from transformers import AutoModel, pipeline\n"
+        f"model = AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True)\n"
+        "assert not any('lora' in name for name, _ in model.named_parameters())\n"
+        f"qa = pipeline(model={str(output)!r}, trust_remote_code=True)\n"
+        "print(qa(context='the code of red river is 1 2 3 4 .', question='what is the code of red river ?'))\n"
+    )
+    _run([sys.executable, "-c", check], tmp_path)
+
+
+def test_resume_from_checkpoint(backbone, tmp_path):
+    output = tmp_path / "comi"
+    _run([sys.executable, *_train_args(backbone, output, "--max_steps", "4", "--save_steps", "2")], tmp_path)
+    shutil.rmtree(output / "checkpoint-4")
+    resumed = _run(
+        [
+            sys.executable,
+            *_train_args(backbone, output, "--max_steps", "4", "--save_steps", "2"),
+            "--resume_from_checkpoint",
+            str(output / "checkpoint-2"),
+            "--log_level",
+            "info",
+        ],
+        tmp_path,
+    )
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert "Resuming training from checkpoint with epoch 0 and global step 2" in resumed.stderr + resumed.stdout
+
+
+def test_two_processes_under_accelerate(backbone, tmp_path):
+    accelerate = shutil.which("accelerate")
+    assert accelerate
+    output = tmp_path / "comi"
+    # torchrun-style launch of 2 processes; `--use_cpu` makes them data-parallel over gloo.
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    train = _train_args(backbone, output, "--max_steps", "3", "--save_strategy", "no", "--use_cpu")
+    _run([*launch, *train], tmp_path)
+    assert "- processes: 2" in (output / "README.md").read_text()
+    assert "- effective batch size: 16" in (output / "README.md").read_text()
+    check = f"from transformers import AutoModel; AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True)"
+    _run([sys.executable, "-c", check], tmp_path)
+    # Evaluation sharded over the 2 processes gives the single-process results, in input order.
+    evaluate = [str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(output), "--test_file", str(VALIDATION)]
+    evaluate += ["--max_new_tokens", "4", "--per_device_eval_batch_size", "3"]
+    _run([*launch, *evaluate, "--output_dir", str(tmp_path / "sharded")], tmp_path)
+    _run([sys.executable, *evaluate, "--output_dir", str(tmp_path / "single")], tmp_path)
+    sharded = (tmp_path / "sharded" / "eval_results.jsonl").read_text().splitlines()
+    assert len(sharded) == 16
+    assert sharded == (tmp_path / "single" / "eval_results.jsonl").read_text().splitlines()
+
+
+def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
+    model = tmp_path / "comi"
+    _run([sys.executable, *_train_args(backbone, model, "--max_steps", "1", "--save_strategy", "no")], tmp_path)
+    # A random model may answer with punctuation or stop at once; forbid both so that every
+    # answer is 3 words and the partial-credit case below always exists.
+    vocabulary = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
+    config = json.loads((model / "generation_config.json").read_text())
+    config["suppress_tokens"] = [index for token, index in vocabulary.items() if not normalize_answer(token)]
+    config["eos_token_id"] = None
+    (model / "generation_config.json").write_text(json.dumps(config))
+    rows = [json.loads(line) for line in VALIDATION.read_text().splitlines()[:6]]
+    # First learn what the model answers, then write references that make the scores known.
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _run(
+        [sys.executable, str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(model), "--test_file", str(probe),
+         "--output_dir", str(tmp_path / "probe"), "--max_new_tokens", "3", "--merge_size", "2"],
+        tmp_path,
+    )  # fmt: skip
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "probe" / "eval_results.jsonl").open()]
+    expected_em, expected_f1 = [], []
+    for position, row in enumerate(rows):
+        words = normalize_answer(predictions[position]).split()
+        if position % 3 == 0:
+            row["answer"] = ["zzz", predictions[position]]  # the prediction itself is a reference
+            expected_em.append(1.0)
+            expected_f1.append(1.0 if words else 0.0)
+        elif position % 3 == 1 and words:
+            row["answer"] = " ".join(words[:1] + ["qqq"])  # one shared token: P 1/len, R 1/2
+            precision, recall = 1 / len(words), 1 / 2
+            expected_em.append(0.0)
+            expected_f1.append(2 * precision * recall / (precision + recall))
+        else:
+            row["answer"] = "qqq"  # nothing shared
+            expected_em.append(0.0)
+            expected_f1.append(0.0)
+    assert any(0 < f1 < 1 for f1 in expected_f1), f"no partial-credit case in {predictions}"
+    known = tmp_path / "known.jsonl"
+    known.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = _run(
+        [sys.executable, str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(model), "--test_file", str(known),
+         "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "3", "--per_device_eval_batch_size", "4",
+         "--merge_size", "2"],
+        tmp_path,
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert metrics["num_samples"] == 6 and metrics["merge_size"] == 2
+    results = [json.loads(line) for line in (tmp_path / "eval" / "eval_results.jsonl").open()]
+    assert metrics["exact_match"] == pytest.approx(sum(expected_em) / 6)
+    assert metrics["f1"] == pytest.approx(sum(expected_f1) / 6)
+    assert [result["exact_match"] for result in results] == expected_em
+    assert 1.5 < metrics["compression_ratio"] <= 2
+    assert [result["question"] for result in results] == [row["prompt"] for row in rows]
+    assert set(results[0]) >= {"id", "context", "question", "prediction", "references"}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == metrics
