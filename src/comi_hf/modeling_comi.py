@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -176,8 +177,11 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         self.compressor = COMIMIGCompressor(config)
         if config.num_mem_fusion_layers > 0:
             self.lsa = AutoModel.from_config(config.lsa_config())
-            # The LSA block reads memory vectors, never token ids.
+            # The LSA block reads memory vectors, never token ids (and so has no tensor-parallel
+            # rule for an embedding table either).
             self.lsa.embed_tokens = None
+            if self.lsa._tp_plan:
+                self.lsa._tp_plan.pop("embed_tokens", None)
         else:
             hidden_size = config.text_config.hidden_size
             self.lsa = nn.Linear(hidden_size, hidden_size)
@@ -250,10 +254,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             )
         config = COMIConfig(text_config=backbone_config, **config_overrides)
         # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
-        # would report as missing at length; quiet its report and check the loading here instead.
+        # would report as missing at length; drop that report and check the loading here instead.
         report_logger = hf_logging.get_logger("transformers.modeling_utils")
-        level = report_logger.level
-        report_logger.setLevel(hf_logging.ERROR)
+        report_logger.addFilter(_drop_loading_report)
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path,
@@ -267,7 +270,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 **hub_kwargs,
             )
         finally:
-            report_logger.setLevel(level)
+            report_logger.removeFilter(_drop_loading_report)
         _check_backbone_loading(pretrained_model_name_or_path, loading_info)
         # transformers remembers the key mapping used to load and reverts it on save; this model
         # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
@@ -682,6 +685,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
 
 
 # ---------------------------------------------------------------------- helpers
+def _drop_loading_report(record: logging.LogRecord) -> bool:
+    return record.funcName != "log_state_dict_report"
+
+
 def _loading_problems(loading_info: dict, expected_missing: re.Pattern | None = None) -> str:
     """What a `from_pretrained` loading report says went wrong, or an empty string."""
     missing = sorted(

@@ -1,0 +1,145 @@
+"""Synthetic long-document QA in which redundancy is the obstacle (the case MIG is made for).
+
+A document is a shuffled run of sentences of these kinds, about a target length in words:
+
+* the target fact, once: "the code of red river is 4 8 2 1 ." (a paraphrase half of the time);
+* distractor facts about *similar* entities (same noun or same adjective, other code), each
+  repeated several times, near-duplicates of the target fact in every respect but one word;
+* repetitive filler ("the weather was calm that day .").
+
+The question asks for the target's code: it appears once in the document and cannot be guessed
+without reading (chance level 1 / 10,000; picking any code of the document gives 1 / number of
+codes). Every document is determined by its split's seed and its index; the splits use disjoint
+seeds. Records are the official JSONL format (SPEC §8); every word is one token of a word-level
+tokenizer built from `vocabulary()`.
+
+    comi-synth --split train --num-docs 2000 --words 256 --output train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SPLIT_SEEDS", "SyntheticDocument", "make_document", "make_split", "vocabulary", "main"]
+
+ADJECTIVES = ("red", "blue", "green", "old", "new", "dark", "white", "north", "south", "east", "west", "long")
+NOUNS = ("river", "lake", "hill", "mill", "bridge", "stone", "forest", "tower", "field", "gate", "road", "well")
+DIGITS = tuple(str(digit) for digit in range(10))
+FILLER = (
+    "the weather was calm that day .",
+    "many people walked by the water .",
+    "nothing else was written in the old book .",
+    "a bird sang near the road .",
+)
+TEMPLATES = (
+    "the code of {entity} is {code} .",
+    "{entity} has the code {code} .",
+)
+QUESTION = "what is the code of {entity} ?"
+# Disjoint seed ranges: no document of one split can be generated for another.
+SPLIT_SEEDS = {"train": 0, "validation": 1_000_000_000, "test": 2_000_000_000}
+
+
+@dataclass
+class SyntheticDocument:
+    context: str
+    question: str
+    answer: str
+    codes_in_document: int
+
+    def record(self) -> dict:
+        """The official JSONL record (the answer with and without spaces as references)."""
+        return {"input": self.context, "prompt": self.question, "answer": [self.answer, self.answer.replace(" ", "")]}
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator can write (for a word-level tokenizer)."""
+    words = set(ADJECTIVES) | set(NOUNS) | set(DIGITS)
+    for sentence in (*FILLER, *TEMPLATES, QUESTION):
+        words.update(word for word in sentence.split() if not word.startswith("{"))
+    return sorted(words)
+
+
+def _code(rng: random.Random) -> str:
+    return " ".join(rng.choice(DIGITS) for _ in range(4))
+
+
+def make_document(seed: int, words: int = 256, repeats: int = 3) -> SyntheticDocument:
+    """One document of about `words` words (at least one target fact and one distractor)."""
+    if words < 16:
+        raise ValueError(f"`words` must be at least 16, got {words}.")
+    rng = random.Random(seed)
+    adjective, noun = rng.choice(ADJECTIVES), rng.choice(NOUNS)
+    target = f"{adjective} {noun}"
+    # Similar entities first (one word changed), then any others for long documents.
+    similar = [f"{other} {noun}" for other in ADJECTIVES if other != adjective]
+    similar += [f"{adjective} {other}" for other in NOUNS if other != noun]
+    rng.shuffle(similar)
+    others = [f"{a} {n}" for a in ADJECTIVES for n in NOUNS if a != adjective and n != noun]
+    rng.shuffle(others)
+    similar += others
+    target_code = _code(rng)
+    codes = {target_code}
+    sentences = [rng.choice(TEMPLATES).format(entity=target, code=target_code)]
+    length = len(sentences[0].split())
+    # Distractors fill about 80% of the document (at least one), filler the rest.
+    for entity in similar:
+        if length >= words * 0.8 and len(codes) > 1:
+            break
+        code = _code(rng)
+        while code in codes:
+            code = _code(rng)
+        codes.add(code)
+        for _ in range(rng.randint(1, repeats)):
+            sentence = rng.choice(TEMPLATES).format(entity=entity, code=code)
+            sentences.append(sentence)
+            length += len(sentence.split())
+            if length >= words * 0.8:
+                break
+    while length < words:
+        sentence = rng.choice(FILLER)
+        sentences.append(sentence)
+        length += len(sentence.split())
+    rng.shuffle(sentences)
+    return SyntheticDocument(" ".join(sentences), QUESTION.format(entity=target), target_code, len(codes))
+
+
+def make_split(split: str, num_docs: int, words: int = 256, repeats: int = 3) -> list[SyntheticDocument]:
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"`split` must be one of {sorted(SPLIT_SEEDS)}, got {split!r}.")
+    return [make_document(SPLIT_SEEDS[split] + index, words, repeats) for index in range(num_docs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="comi-synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", choices=sorted(SPLIT_SEEDS), required=True)
+    parser.add_argument("--num-docs", type=int, required=True)
+    parser.add_argument("--words", type=int, default=256, help="Document length in words (= tokens), 16 or more.")
+    parser.add_argument("--repeats", type=int, default=3, help="Most repetitions of a distractor fact.")
+    parser.add_argument("--output", required=True, help="JSONL file to write ('-' for stdout).")
+    args = parser.parse_args(argv)
+    if args.num_docs < 1 or args.words < 16 or args.repeats < 1:
+        print("comi-synth: error: --num-docs and --repeats must be >= 1, --words >= 16", file=sys.stderr)
+        return 2
+    documents = make_split(args.split, args.num_docs, args.words, args.repeats)
+    lines = "".join(json.dumps(document.record()) + "\n" for document in documents)
+    if args.output == "-":
+        sys.stdout.write(lines)
+    else:
+        Path(args.output).write_text(lines, encoding="utf-8")
+    pick_any = sum(1 / document.codes_in_document for document in documents) / len(documents)
+    print(
+        f"{len(documents)} {args.split} documents of ~{args.words} words; exact-match chance level 1/10000 = "
+        f"{1e-4:.4f}; picking any code of the document: {pick_any:.4f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+import json
+import subprocess
+
+import pytest
+
+from comi_hf.data import load_comi_jsonl
+from comi_hf.synthetic import SPLIT_SEEDS, make_document, make_split, vocabulary
+
+
+def test_deterministic_and_disjoint_splits():
+    assert make_split("train", 5) == make_split("train", 5)
+    train = {document.context for document in make_split("train", 50)}
+    test = {document.context for document in make_split("test", 50)}
+    assert not train & test
+    assert len(set(SPLIT_SEEDS.values())) == 3
+
+
+@pytest.mark.parametrize("words", [64, 256, 1024, 4096])
+def test_length_and_the_answer_appears_once(words):
+    for seed in range(20):
+        document = make_document(seed, words)
+        length = len(document.context.split())
+        assert words <= length < words + 12
+        assert document.context.count(document.answer) == 1
+        entity = document.question.removeprefix("what is the code of ").removesuffix(" ?")
+        sentences = [s for s in document.context.split(" . ") if entity in s]
+        # The target entity is named once; near-duplicates name similar entities.
+        assert sum(f" {entity} " in f" {s} " for s in sentences) == 1
+        assert document.codes_in_document >= 2
+
+
+def test_distractors_are_near_duplicates():
+    document = make_document(7, 256)
+    adjective, noun = document.question.split()[-3:-1]
+    assert f" {noun} " in document.context.replace(f"{adjective} {noun}", "")  # same noun, other adjective
+
+
+def test_every_word_is_in_the_vocabulary():
+    words = set(vocabulary())
+    for document in make_split("validation", 30, words=128):
+        assert set(document.context.split()) <= words
+        assert set(document.question.split()) <= words
+        assert set(document.answer.split()) <= words
+
+
+def test_command_writes_the_official_format(tmp_path):
+    output = tmp_path / "test.jsonl"
+    done = subprocess.run(
+        ["comi-synth", "--split", "test", "--num-docs", "12", "--words", "128", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "chance level" in done.stderr and "picking any code" in done.stderr
+    dataset = load_comi_jsonl(output)
+    assert len(dataset) == 12
+    first = json.loads(output.read_text().splitlines()[0])
+    assert first["answer"][1] == first["answer"][0].replace(" ", "")
+    bad = subprocess.run(
+        ["comi-synth", "--split", "test", "--num-docs", "0", "--output", str(output)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "error" in bad.stderr
