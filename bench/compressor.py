@@ -1,0 +1,181 @@
+"""Time and peak extra memory of `mig_compress` against context length, beside a padded baseline.
+
+For each hidden size, merge size and allocation (uniform: a random query; skewed: the query is
+one region's mean and alpha_select is large, so one reallocated group holds much of the
+context), this times `mig_compress` (warm-up, median of repeats) and measures the extra memory
+its torch ops allocate. The baseline lays the reallocated groups out as the official code does,
+padded to the longest group `(groups x longest x hidden)`, and computes the fine stage on it;
+it is skipped where that layout would not fit in `--baseline-limit-gb`. The time exponent is the
+slope of log(time) against log(length).
+
+    python bench/compressor.py               # 1K..128K tokens, hidden 1024 and 4096, merge 4/16/32
+    python bench/compressor.py --quick       # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from comi_hf import mig_compress
+from comi_hf.memory_meter import PeakMemory
+
+
+def padded_baseline(states: torch.Tensor, query: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    """The official layout: groups padded to the longest, similarities (groups x longest x longest)."""
+    longest, hidden = max(group_sizes), states.shape[-1]
+    padded = states.new_zeros(len(group_sizes), longest, hidden)
+    mask = torch.zeros(len(group_sizes), longest, dtype=torch.bool)
+    start = 0
+    for group, size in enumerate(group_sizes):
+        padded[group, :size] = states[start : start + size]
+        mask[group, :size] = True
+        start += size
+    unit = torch.nn.functional.normalize(padded, dim=-1)
+    relevance = unit @ torch.nn.functional.normalize(query, dim=-1)
+    similarity = torch.bmm(unit, unit.transpose(1, 2))
+    similarity.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    similarity.masked_fill_(~mask[:, None, :], 0)
+    weights = torch.softmax((relevance - similarity.amax(-1)).masked_fill(~mask, -math.inf), dim=-1)
+    return (weights[..., None] * padded).sum(1)
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
+    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in seconds]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    return covariance / sum((x - mean_x) ** 2 for x in xs)
+
+
+def measure(hidden: int, merge_size: int, allocation: str, length: int, args: argparse.Namespace) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(1, length, hidden, generator=generator)
+    if allocation == "uniform":
+        query, weights = torch.randn(1, hidden, generator=generator), {}
+    else:
+        query, weights = states[:, 100:108].mean(1), {"alpha_select": 40.0}
+    seconds = median_seconds(lambda: mig_compress(states, query, merge_size, **weights), args.repeats)
+    meter = PeakMemory()
+    with meter:
+        _, _, details = mig_compress(states, query, merge_size, return_details=True, **weights)
+    sizes = torch.bincount(details.token_memory[0]).tolist()
+    row = {
+        "hidden": hidden,
+        "merge_size": merge_size,
+        "allocation": allocation,
+        "length": length,
+        "longest_group": max(sizes),
+        "seconds": seconds,
+        "peak_extra_bytes": meter.peak,
+        "peak_extra_over_input": meter.peak / states.nbytes,
+    }
+    layout_bytes = len(sizes) * max(sizes) * (hidden + max(sizes)) * 4
+    if layout_bytes > args.baseline_limit_gb * 2**30:
+        row["baseline_skipped_gb"] = layout_bytes / 2**30
+        return row
+    baseline = PeakMemory()
+    with baseline:
+        padded_baseline(states[0], query[0], sizes)
+    row["baseline_seconds"] = median_seconds(lambda: padded_baseline(states[0], query[0], sizes), args.repeats)
+    row["baseline_peak_extra_over_input"] = baseline.peak / states.nbytes
+    return row
+
+
+def key_of(row: dict) -> str:
+    return f"d={row['hidden']},m={row['merge_size']},{row['allocation']}"
+
+
+def describe(row: dict) -> str:
+    text = (
+        f"d={row['hidden']:5d} m={row['merge_size']:3d} {row['allocation']:8s} n={row['length']:7d} "
+        f"longest={row['longest_group']:6d} {row['seconds'] * 1e3:9.1f} ms  extra {row['peak_extra_over_input']:.2f}x"
+    )
+    if "baseline_seconds" in row:
+        return text + f" | padded {row['baseline_seconds'] * 1e3:9.1f} ms, {row['baseline_peak_extra_over_input']:.2f}x"
+    return text + f" | padded: skipped, needs {row['baseline_skipped_gb']:.1f} GiB"
+
+
+def plot(rows: list[dict], exponents: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in exponents:
+        series = [row for row in rows if key_of(row) == key]
+        lengths = [row["length"] for row in series]
+        left.loglog(
+            lengths, [row["seconds"] for row in series], marker="o", label=f"{key} (slope {exponents[key]:.2f})"
+        )
+        right.semilogx(lengths, [row["peak_extra_over_input"] for row in series], marker="o", label=key)
+    left.set(xlabel="context tokens", ylabel="seconds", title="mig_compress time")
+    right.set(xlabel="context tokens", ylabel="peak extra memory / input size", title="mig_compress memory")
+    right.axhline(1.0, color="grey", linestyle="--")
+    left.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 16, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-limit-gb", type=float, default=4.0)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.hidden, args.merge_sizes, args.repeats = [1024, 4096], [64], [16], 1
+
+    rows = []
+    with torch.no_grad():
+        for hidden in args.hidden:
+            for merge_size in args.merge_sizes:
+                for allocation in ("uniform", "skewed"):
+                    for length in args.lengths:
+                        rows.append(measure(hidden, merge_size, allocation, length, args))
+                        print(describe(rows[-1]), flush=True)
+    exponents = {}
+    for key in dict.fromkeys(key_of(row) for row in rows):
+        series = [row for row in rows if key_of(row) == key]
+        exponents[key] = fitted_exponent([row["length"] for row in series], [row["seconds"] for row in series])
+        print(f"time exponent {key}: {exponents[key]:.2f}")
+    worst = max(row["peak_extra_over_input"] for row in rows)
+    print(f"largest peak extra memory: {worst:.2f}x the input hidden states")
+    results = {
+        "rows": rows,
+        "time_exponents": exponents,
+        "max_peak_extra_over_input": worst,
+        "threads": torch.get_num_threads(),
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    if args.plot:
+        plot(rows, exponents, args.plot)
+
+
+if __name__ == "__main__":
+    main()
