@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, pipeline
 
@@ -49,16 +48,6 @@ def build(vocab_words: list[str], args) -> tuple:
     config = COMIConfig(text_config=backbone, encoder_layers=args.encoder_layers, merge_size=args.merge_size)
     model = COMIForConditionalGeneration(config).eval()
     return model, tokenizer
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

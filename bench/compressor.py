@@ -18,9 +18,9 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from comi_hf import mig_compress
 from comi_hf.memory_meter import PeakMemory
@@ -43,16 +43,6 @@ def padded_baseline(states: torch.Tensor, query: torch.Tensor, group_sizes: list
     similarity.masked_fill_(~mask[:, None, :], 0)
     weights = torch.softmax((relevance - similarity.amax(-1)).masked_fill(~mask, -math.inf), dim=-1)
     return (weights[..., None] * padded).sum(1)
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
