@@ -90,7 +90,12 @@ def test_merge_size_per_call(pipe):
 
 
 def test_generation_arguments_pass_through(pipe):
-    assert pipe(context=CONTEXT, question=QUESTIONS[0], max_new_tokens=1, repetition_penalty=1.0)["answer"] is not None
+    one_token = pipe(context=CONTEXT, question=QUESTIONS[0], max_new_tokens=1, repetition_penalty=1.0)["answer"]
+    expected = pipe.model.generate(
+        context=CONTEXT, query=QUESTIONS[0], tokenizer=pipe.tokenizer, max_new_tokens=1, repetition_penalty=1.0
+    )
+    assert expected.shape == (1, 1)
+    assert one_token == pipe.tokenizer.decode(expected[0], skip_special_tokens=True).strip()
     torch.manual_seed(0)
     first = pipe(context=CONTEXT, question=QUESTIONS[0], do_sample=True, top_k=50, max_new_tokens=6)
     torch.manual_seed(0)
