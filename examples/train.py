@@ -2,7 +2,7 @@
 
     python examples/train.py --model_name_or_path Qwen/Qwen3-4B-Instruct-2507 \
         --train_file train.jsonl --validation_file dev.jsonl --output_dir comi-qwen3-4b \
-        --merge_sizes 16 32 --bf16 --gradient_checkpointing --learning_rate 1e-5 --warmup_ratio 0.1
+        --merge_sizes 16 32 --bf16 --gradient_checkpointing --learning_rate 1e-5 --warmup_steps 0.1
 
 `--model_name_or_path` is a plain decoder-only backbone (COMI is built from it with
 `from_backbone`) or an existing COMI checkpoint. Data is JSONL in the official format. The

@@ -172,3 +172,40 @@ def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
     assert [result["question"] for result in results] == [row["prompt"] for row in rows]
     assert set(results[0]) >= {"id", "context", "question", "prediction", "references"}
     assert json.loads(done.stdout.strip().splitlines()[-1]) == metrics
+
+
+def test_default_model_recipe_quick_mode(tmp_path):
+    """Every step of examples/train_default_model.sh (data, pretraining, fine-tuning, evaluation, shipping)."""
+    output = tmp_path / "shipped"
+    done = _run(["bash", str(EXAMPLES / "train_default_model.sh"), str(tmp_path / "work"), str(output)], tmp_path)
+    assert "done in" in done.stdout
+    log = json.loads((tmp_path / "work" / "backbone" / "pretraining_log.json").read_text())
+    assert [entry["step"] for entry in log["curve"]] == [2, 4]
+    results = json.loads((output / "results.json").read_text())
+    assert [(entry["words"], entry["merge_size"], entry["num_samples"]) for entry in results["test"]] == [(256, 8, 8)]
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "modeling_comi.py", "pipeline_comi.py"):
+        assert (output / name).is_file(), name
+    card = (output / "README.md").read_text()
+    assert "auxiliary" in card.lower() and "Held-out results" in card
+    load = f"from comi_hf import COMIForConditionalGeneration as M; M.from_pretrained({str(output)!r})"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
+def test_ablation_quick_mode(tmp_path):
+    _run([sys.executable, str(EXAMPLES / "ablation.py"), "--quick", "--output_dir", str(tmp_path)], tmp_path)
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    variants = {entry["variant"] for entry in result["entries"]}
+    assert {"full MIG", "no fine stage (mean)", "truncation", "uncompressed"} <= variants
+    # 8 variants x 1 length x 2 seeds x 2 merge sizes, each scored on 8 documents.
+    assert len(result["entries"]) == 32 and all(entry["num_docs"] == 8 for entry in result["entries"])
+    ratios = {(e["variant"], e["merge_size"]): e["compression_ratio"] for e in result["entries"] if e["seed"] == 0}
+    assert ratios[("uncompressed", 8)] == 1.0 and 6 < ratios[("full MIG", 8)] < 10
+    assert abs(ratios[("truncation", 8)] - ratios[("full MIG", 8)]) < 1.0  # the same budget
+    assert "| full MIG |" in (tmp_path / "ablation.md").read_text()
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000

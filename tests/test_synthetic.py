@@ -61,3 +61,19 @@ def test_command_writes_the_official_format(tmp_path):
         ["comi-synth", "--split", "test", "--num-docs", "0", "--output", str(output)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "error" in bad.stderr
+
+
+@pytest.mark.parametrize("words", [32, 256, 1024])
+def test_fact_spans_point_at_each_fact_entity_and_code(words):
+    for seed in range(40):
+        document = make_document(seed, words)
+        tokens = document.context.split()
+        assert sum(fact.is_target for fact in document.facts) == 1
+        assert len(document.facts) >= document.codes_in_document
+        for fact in document.facts:
+            entity = " ".join(tokens[fact.entity_start : fact.entity_start + fact.entity_words])
+            code = " ".join(tokens[fact.code_start : fact.code_start + fact.code_words])
+            sentences = (f"the code of {entity} is {code} .", f"{entity} has the code {code} .")
+            assert any(sentence in document.context for sentence in sentences), (entity, code)
+            if fact.is_target:
+                assert code == document.answer and document.question == f"what is the code of {entity} ?"

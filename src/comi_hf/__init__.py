@@ -12,16 +12,19 @@ from .modeling_comi import (
     COMIPreTrainedModel,
     official_generation_config,
 )
-from .pipeline_comi import PIPELINE_TASK, COMIQuestionAnsweringPipeline
+
+# DEFAULT_MODEL: the tiny trained model shipped in the package (see its README.md); a directory
+# like any Hub checkpoint, used by `comi-qa` and `pipeline("comi-qa")` when no model is given.
+from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK, COMIQuestionAnsweringPipeline
 
 __version__ = "0.1.0"
-
 # With the package imported, COMI directories load through the Auto classes without remote code.
 AutoConfig.register(COMIConfig.model_type, COMIConfig, exist_ok=True)
 AutoModel.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_MODEL",
     "PIPELINE_TASK",
     "COMICompressionDetails",
     "COMIConfig",

@@ -1,5 +1,6 @@
 """`comi-qa`: answer questions about a document from the command line.
 
+    comi-qa --context-file doc.txt --question "..."     # the package's default model
     comi-qa --model PATH_OR_ID --context-file doc.txt --question "..."
     comi-qa --model PATH_OR_ID --context-file - --questions-file questions.txt --json < doc.txt
 
@@ -27,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comi-qa", description="Answer questions about a long document with a COMI model."
     )
-    parser.add_argument("--model", required=True, help="COMI model directory or Hub id.")
+    parser.add_argument(
+        "--model",
+        help="COMI model directory or Hub id (default: the tiny model shipped with comi_hf, which answers "
+        "questions about comi-synth documents only).",
+    )
     parser.add_argument("--context-file", required=True, help="The document, as UTF-8 text; '-' reads stdin.")
     questions = parser.add_mutually_exclusive_group(required=True)
     questions.add_argument("--question", help="One question.")
@@ -75,8 +80,10 @@ def _load_pipeline(args: argparse.Namespace):
     from transformers import AutoTokenizer, pipeline
 
     from .modeling_comi import COMIForConditionalGeneration
-    from .pipeline_comi import PIPELINE_TASK
+    from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK
 
+    if args.model is None:
+        args.model = DEFAULT_MODEL
     if args.model.startswith(("/", "./", "../", "~")) and not Path(args.model).expanduser().is_dir():
         raise UsageError(f"no such model directory: {args.model}")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -6,6 +6,8 @@ This file is also shipped as remote code beside saved models, so it imports noth
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import torch
@@ -252,7 +254,15 @@ def custom_pipelines_entry(pipeline_class: type = COMIQuestionAnsweringPipeline)
     }
 
 
+# The tiny trained model shipped inside the package (absent where this file runs as remote code).
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
 if PIPELINE_TASK not in PIPELINE_REGISTRY.get_supported_tasks():
     PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=COMIQuestionAnsweringPipeline, pt_model=AutoModelForCausalLM, type="text"
+        PIPELINE_TASK,
+        pipeline_class=COMIQuestionAnsweringPipeline,
+        pt_model=AutoModelForCausalLM,
+        # `pipeline("comi-qa")` without a model then loads the shipped one (a local path: no download).
+        default={"model": (DEFAULT_MODEL, None)} if os.path.isdir(DEFAULT_MODEL) else None,
+        type="text",
     )

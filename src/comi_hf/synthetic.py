@@ -22,10 +22,10 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SPLIT_SEEDS", "SyntheticDocument", "make_document", "make_split", "vocabulary", "main"]
+__all__ = ["SPLIT_SEEDS", "FactSpan", "SyntheticDocument", "make_document", "make_split", "vocabulary", "main"]
 
 ADJECTIVES = ("red", "blue", "green", "old", "new", "dark", "white", "north", "south", "east", "west", "long")
 NOUNS = ("river", "lake", "hill", "mill", "bridge", "stone", "forest", "tower", "field", "gate", "road", "well")
@@ -46,11 +46,24 @@ SPLIT_SEEDS = {"train": 0, "validation": 1_000_000_000, "test": 2_000_000_000}
 
 
 @dataclass
+class FactSpan:
+    """Where one fact sentence names its entity and its code, as word (= token) offsets in the context."""
+
+    entity_start: int
+    code_start: int
+    is_target: bool
+
+    entity_words = 2
+    code_words = 4
+
+
+@dataclass
 class SyntheticDocument:
     context: str
     question: str
     answer: str
     codes_in_document: int
+    facts: list[FactSpan] = field(default_factory=list)
 
     def record(self) -> dict:
         """The official JSONL record (the answer with and without spaces as references)."""
@@ -85,8 +98,9 @@ def make_document(seed: int, words: int = 256, repeats: int = 3) -> SyntheticDoc
     similar += others
     target_code = _code(rng)
     codes = {target_code}
-    sentences = [rng.choice(TEMPLATES).format(entity=target, code=target_code)]
-    length = len(sentences[0].split())
+    # Each sentence is (template or None for filler, entity, code); text is written after shuffling.
+    sentences = [(rng.choice(TEMPLATES), target, target_code)]
+    length = len(sentences[0][0].split()) + 4
     # Distractors fill about 80% of the document (at least one), filler the rest.
     for entity in similar:
         if length >= words * 0.8 and len(codes) > 1:
@@ -96,17 +110,31 @@ def make_document(seed: int, words: int = 256, repeats: int = 3) -> SyntheticDoc
             code = _code(rng)
         codes.add(code)
         for _ in range(rng.randint(1, repeats)):
-            sentence = rng.choice(TEMPLATES).format(entity=entity, code=code)
-            sentences.append(sentence)
-            length += len(sentence.split())
+            template = rng.choice(TEMPLATES)
+            sentences.append((template, entity, code))
+            length += len(template.split()) + 4  # the placeholders stand for 2 + 4 words
             if length >= words * 0.8:
                 break
     while length < words:
-        sentence = rng.choice(FILLER)
-        sentences.append(sentence)
-        length += len(sentence.split())
+        filler = rng.choice(FILLER)
+        sentences.append((None, filler, None))
+        length += len(filler.split())
     rng.shuffle(sentences)
-    return SyntheticDocument(" ".join(sentences), QUESTION.format(entity=target), target_code, len(codes))
+    texts, facts, offset = [], [], 0
+    for template, entity, code in sentences:
+        if template is None:
+            texts.append(entity)
+        else:
+            template_words = template.split()
+            entity_at = template_words.index("{entity}")
+            code_at = template_words.index("{code}")
+            # Words before a placeholder shift it; the entity (2 words) shifts a later code by 1.
+            code_shift = FactSpan.entity_words - 1 if entity_at < code_at else 0
+            entity_shift = FactSpan.code_words - 1 if code_at < entity_at else 0
+            facts.append(FactSpan(offset + entity_at + entity_shift, offset + code_at + code_shift, entity == target))
+            texts.append(template.format(entity=entity, code=code))
+        offset += len(texts[-1].split())
+    return SyntheticDocument(" ".join(texts), QUESTION.format(entity=target), target_code, len(codes), facts)
 
 
 def make_split(split: str, num_docs: int, words: int = 256, repeats: int = 3) -> list[SyntheticDocument]:

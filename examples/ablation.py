@@ -1,0 +1,216 @@
+"""The ablation table: what each part of MIG compression is worth, at the same memory budget.
+
+    python examples/ablation.py --output_dir ablation
+
+Every variant answers the same held-out `comi-synth` test documents with the same model (by
+default the package's default model, trained with full MIG) and the same number of memory
+vectors per document:
+
+* full MIG (the model's configuration);
+* without redundancy (relevance only) in the coarse stage, in the fine stage, in both;
+* without the coarse stage (equal groups), without the fine stage (each group's plain mean);
+* truncation: the document cut to as many tokens as MIG keeps vectors (first and last halves),
+  each kept token its own memory vector;
+* uncompressed: every token its own memory vector (the ceiling).
+
+The stages are switched off at inference only: the model was trained with all of them, as in
+the paper's ablation of a trained model's compressor. Writes `ablation.json` (one entry per
+variant, length, merge size and document seed), `ablation.md` (mean exact match over seeds, with
+the spread) and `ablation.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from comi_hf import COMIForConditionalGeneration
+from comi_hf.data import COMIDataCollator, truncate_context
+from comi_hf.metrics import best_exact_match
+from comi_hf.synthetic import SPLIT_SEEDS, make_document
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "comi_hf" / "default_model"
+# name -> config switches (None: a budget variant handled apart)
+VARIANTS = {
+    "full MIG": {},
+    "no coarse redundancy": {"coarse_redundancy": False},
+    "no fine redundancy": {"fine_redundancy": False},
+    "no redundancy": {"coarse_redundancy": False, "fine_redundancy": False},
+    "no coarse stage": {"coarse_grained": False},
+    "no fine stage (mean)": {"fine_grained": False},
+    "truncation": None,
+    "uncompressed": None,
+}
+SWITCHES = ("coarse_grained", "fine_grained", "coarse_redundancy", "fine_redundancy")
+
+
+def documents(words: int, seed: int, count: int):
+    """Held-out test documents; seed s takes its own block of the test split's seeds."""
+    first = SPLIT_SEEDS["test"] + seed * 100_000_000
+    return [make_document(first + index, words) for index in range(count)]
+
+
+def memory_budget(context_tokens: int, merge_size: int) -> int:
+    """How many vectors MIG keeps for a context (equal groups before reallocation)."""
+    return max(1, round(context_tokens / merge_size))
+
+
+@torch.inference_mode()
+def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> tuple[float, float]:
+    """Mean exact match and mean compression ratio of one variant on `docs`."""
+    collate = COMIDataCollator()
+    switches = VARIANTS[variant] or {}
+    saved = {name: getattr(model.config, name) for name in SWITCHES}
+    for name, value in switches.items():
+        setattr(model.config, name, value)
+    model.compressor.read_config(model.config)
+    correct, ratio = 0, 0.0
+    try:
+        for start in range(0, len(docs), batch_size):
+            chunk = docs[start : start + batch_size]
+            features, full_lengths = [], []
+            for document in chunk:
+                context = tokenizer(document.context, add_special_tokens=False)["input_ids"]
+                full_lengths.append(len(context))
+                if variant == "truncation":
+                    context = truncate_context(context, memory_budget(len(context), merge_size))
+                question = tokenizer(document.question, add_special_tokens=False)["input_ids"]
+                features.append({"input_ids": context, "query_ids": question})
+            batch = collate(features)
+            per_token = variant in ("truncation", "uncompressed")
+            memory, memory_mask = model.compress(**batch, merge_size=1 if per_token else merge_size)
+            generated = model.generate(
+                query_ids=batch["query_ids"],
+                query_attention_mask=batch["query_attention_mask"],
+                memory=(memory, memory_mask),
+                max_new_tokens=5,  # 4 digits and EOS
+            )
+            answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for document, answer, full_length, kept in zip(
+                chunk, answers, full_lengths, memory_mask.sum(1).tolist(), strict=True
+            ):
+                correct += best_exact_match(answer.strip(), [document.answer])
+                ratio += full_length / kept
+    finally:
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+        model.compressor.read_config(model.config)
+    return correct / len(docs), ratio / len(docs)
+
+
+def markdown(entries: list[dict], words_list: list[int], merge_sizes: list[int]) -> str:
+    lines = []
+    for words in words_list:
+        lines += [
+            f"**{words}-word documents** (exact match, mean over {len({e['seed'] for e in entries})} document seeds "
+            f"× {entries[0]['num_docs']} documents; ± half the spread between seeds)",
+            "",
+            "| variant | " + " | ".join(f"merge {m}" for m in merge_sizes) + " |",
+            "| --- | " + " | ".join("---" for _ in merge_sizes) + " |",
+        ]
+        for variant in VARIANTS:
+            cells = []
+            for merge in merge_sizes:
+                scores = [
+                    e["exact_match"]
+                    for e in entries
+                    if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
+                ]
+                mean, spread = sum(scores) / len(scores), (max(scores) - min(scores)) / 2
+                cells.append(f"{mean:.3f} ± {spread:.3f}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict], words_list: list[int], merge_sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(words_list), figsize=(5.5 * len(words_list), 4), squeeze=False)
+    for axis, words in zip(axes[0], words_list, strict=True):
+        for variant in VARIANTS:
+            means = []
+            for merge in merge_sizes:
+                scores = [
+                    e["exact_match"]
+                    for e in entries
+                    if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
+                ]
+                means.append(sum(scores) / len(scores))
+            style = "--" if variant in ("truncation", "uncompressed") else "-"
+            axis.plot(merge_sizes, means, style, marker="o", label=variant)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(merge_sizes, [str(m) for m in merge_sizes])
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("merge size (compression ratio)")
+        axis.set_ylabel("exact match")
+        axis.set_title(f"{words}-word documents")
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="A COMI model (default: the package's).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--words", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--num_docs", type=int, default=1000, help="Documents per seed.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Document seeds (disjoint sets).")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="8 documents of 64 words, merge 4 and 8: a smoke test.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.words, args.merge_sizes, args.num_docs = [64], [4, 8], 8
+
+    model = COMIForConditionalGeneration.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    entries, started = [], time.monotonic()
+    jobs = [(w, s, v, m) for w in args.words for s in args.seeds for v in VARIANTS for m in args.merge_sizes]
+    cache = {}
+    for words, seed, variant, merge in tqdm(jobs, desc="Ablation", unit="cell"):
+        docs = documents(words, seed, args.num_docs)
+        key = (words, seed, variant, None if variant == "uncompressed" else merge)
+        if key not in cache:  # the uncompressed ceiling does not depend on the merge size
+            cache[key] = exact_match(model, tokenizer, docs, variant, merge, args.batch_size)
+        score, ratio = cache[key]
+        entries.append(
+            {
+                "variant": variant,
+                "words": words,
+                "merge_size": merge,
+                "seed": seed,
+                "num_docs": len(docs),
+                "exact_match": score,
+                "compression_ratio": round(ratio, 3),
+            }
+        )
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": args.model,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "command": "python examples/ablation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "entries": entries,
+    }
+    (output / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output / "ablation.md").write_text(markdown(entries, args.words, args.merge_sizes))
+    plot(entries, args.words, args.merge_sizes, output / "ablation.png")
+    print((output / "ablation.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Copy a trained default model into the package (or any directory), with its results in the card.
+
+    python examples/default_model/ship.py --model_dir WORK/comi --work_dir WORK --output_dir DIR
+
+Copies the weights, configs and tokenizer of `--model_dir`, gathers the held-out results that
+`train_default_model.sh` wrote under `WORK/eval` and the backbone's learning curve into
+`results.json`, and appends them to the model card. Inside the package the remote-code files
+are relative symlinks to the package's own modules (one copy of the code; a wheel stores them as
+files), elsewhere plain copies: either way the directory is a complete Hub repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "comi_hf"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py", "pipeline_comi.py")
+
+
+def gather_results(work_dir: Path, wall_minutes: int | None) -> dict:
+    evaluations = []
+    for path in sorted((work_dir / "eval").glob("words-*-merge-*/eval_metrics.json")):
+        words = int(path.parent.name.split("-")[1])
+        metrics = json.loads(path.read_text())
+        evaluations.append({"words": words, **metrics})
+    evaluations.sort(key=lambda entry: (entry["words"], entry["merge_size"]))
+    curve = json.loads((work_dir / "backbone" / "pretraining_log.json").read_text())["curve"]
+    return {"wall_minutes": wall_minutes, "test": evaluations, "backbone_curve": curve}
+
+
+def results_markdown(results: dict) -> str:
+    lines = [
+        "## Held-out results",
+        "",
+        "Exact match on the test split of `comi-synth` (documents never seen in training; greedy "
+        "decoding with this directory's generation config):",
+        "",
+        "| document words | merge size | compression | exact match | documents |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for entry in results["test"]:
+        lines.append(
+            f"| {entry['words']} | {entry['merge_size']} | {entry['compression_ratio']:.1f}x | "
+            f"{entry['exact_match']:.3f} | {entry['num_samples']} |"
+        )
+    last = results["backbone_curve"][-1]
+    lines += [
+        "",
+        f"The backbone's pretraining stopped after {last['step']} steps ({last['minutes']} min) at held-out exact "
+        f"match {last['held_out_em']:.3f} on {last['words']}-word documents (the full curve is in `results.json`).",
+    ]
+    if results["wall_minutes"] is not None:
+        lines.append(f"The whole run (`examples/train_default_model.sh`) took {results['wall_minutes']} min.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True, type=Path)
+    parser.add_argument("--work_dir", required=True, type=Path)
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--wall_minutes", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    output = args.output_dir.resolve()
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    for name in MODEL_FILES:
+        shutil.copyfile(args.model_dir / name, output / name)
+    for name in CODE_FILES:
+        if output.parent == PACKAGE:
+            (output / name).symlink_to(Path("..") / name)
+        else:
+            shutil.copyfile(args.model_dir / name, output / name)
+
+    results = gather_results(args.work_dir, args.wall_minutes)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    card = (args.model_dir / "README.md").read_text()
+    (output / "README.md").write_text(card.rstrip("\n") + "\n\n" + results_markdown(results))
+    print(f"shipped {args.model_dir} to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+../pipeline_comi.py
