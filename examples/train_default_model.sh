@@ -9,7 +9,7 @@
 # sampled per batch), 4. held-out exact match (examples/evaluate.py), 5. the model, tokenizer
 # and card copied to OUTPUT_DIR (default: the package's src/comi_hf/default_model).
 #
-# Wall time on this 2-core CPU: about 45 minutes (backbone 23 min, COMI 20 min, evaluation 2 min;
+# Wall time on this 2-core CPU: about 47 minutes (backbone 23 min, COMI 22 min, evaluation 2 min;
 # see README). The COMI stage does not always leave the chance level: from a second backbone of
 # the same script it stayed there (README). QUICK=1 runs every step for a few iterations on a
 # handful of documents (the test suite does this); its model answers nonsense.
