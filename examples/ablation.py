@@ -104,6 +104,15 @@ def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_siz
     return correct / len(docs), ratio / len(docs)
 
 
+def cell_scores(entries: list[dict], variant: str, words: int, merge: int) -> list[float]:
+    """Exact match of one table cell, one value per document seed."""
+    return [
+        e["exact_match"]
+        for e in entries
+        if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
+    ]
+
+
 def markdown(entries: list[dict], words_list: list[int], merge_sizes: list[int]) -> str:
     lines = []
     for words in words_list:
@@ -117,11 +126,7 @@ def markdown(entries: list[dict], words_list: list[int], merge_sizes: list[int])
         for variant in VARIANTS:
             cells = []
             for merge in merge_sizes:
-                scores = [
-                    e["exact_match"]
-                    for e in entries
-                    if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
-                ]
+                scores = cell_scores(entries, variant, words, merge)
                 mean, spread = sum(scores) / len(scores), (max(scores) - min(scores)) / 2
                 cells.append(f"{mean:.3f} ± {spread:.3f}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -140,11 +145,7 @@ def plot(entries: list[dict], words_list: list[int], merge_sizes: list[int], pat
         for variant in VARIANTS:
             means = []
             for merge in merge_sizes:
-                scores = [
-                    e["exact_match"]
-                    for e in entries
-                    if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
-                ]
+                scores = cell_scores(entries, variant, words, merge)
                 means.append(sum(scores) / len(scores))
             style = "--" if variant in ("truncation", "uncompressed") else "-"
             axis.plot(merge_sizes, means, style, marker="o", label=variant)
