@@ -86,11 +86,11 @@ class HeadLogAttention:
 class MemoryAttentionTrainer(Trainer):
     """`Trainer` whose loss adds the supervision of the decoder's last-layer head 0 (see module doc)."""
 
-    def __init__(self, *args, aux_weight: float, merge_sizes: list[int], **kwargs):
+    def __init__(self, *args, aux_weight: float, merge_sizes: list[int], retrieval_head: HeadLogAttention, **kwargs):
         super().__init__(*args, **kwargs)
         self.aux_weight = aux_weight
         self.merge_sizes = merge_sizes
-        self.retrieval_head = HeadLogAttention(self.model.decoder.model.layers[-1].self_attn)
+        self.retrieval_head = retrieval_head
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         code_start = inputs.pop("target_code_start")
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     # A length curriculum, as for the backbone: on short documents (few memory vectors, merge
     # sizes from 1) the decoder learns to read encoder states at all; longer ones come after.
     steps, losses = 0, []
+    # One hook for every stage (a hook per trainer would recompute the scores once per stage).
+    retrieval_head = HeadLogAttention(model.decoder.model.layers[-1].self_attn)
     for stage, (words, stage_steps) in enumerate(zip(args.curriculum, args.stage_steps, strict=True)):
         merge_sizes = args.first_stage_merge_sizes if stage == 0 else args.merge_sizes
         batch_size = max(1, args.context_tokens_per_batch // words)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             data_collator=TargetCollator(),
             aux_weight=args.aux_weight,
             merge_sizes=merge_sizes,
+            retrieval_head=retrieval_head,
         )
         result = trainer.train()
         steps += result.global_step
