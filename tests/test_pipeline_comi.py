@@ -66,8 +66,8 @@ def test_several_questions_encode_the_context_once(pipe):
     # then one pass runs the 8 queries, each reading every segment's cache.
     segments = -(-len(pipe.tokenizer(CONTEXT).input_ids) // 48)
     assert segments > 1
-    context_passes = [call for call in calls if call.get("past_key_values") is None]
-    query_passes = [call for call in calls if call.get("past_key_values") is not None]
+    context_passes = [call for call in calls if call.get("cache") is None]
+    query_passes = [call for call in calls if call.get("cache") is not None]
     assert sum(call["input_ids"].shape[0] for call in context_passes) == segments
     assert all(call["input_ids"].shape[1] <= 48 for call in context_passes)
     assert len(query_passes) == 1

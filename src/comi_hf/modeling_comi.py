@@ -75,7 +75,7 @@ class COMIOutput(ModelOutput):
         decoder_attention_mask (`torch.LongTensor` of shape `(batch, decoder_len)`): 1 on real positions.
         memory (`torch.FloatTensor` of shape `(batch, memory_len, hidden)`): the aligned memory vectors.
         memory_attention_mask (`torch.BoolTensor` of shape `(batch, memory_len)`): `True` on real memory vectors.
-        past_key_values, hidden_states, attentions: the decoder's, as in any causal LM output.
+        cache, hidden_states, attentions: the decoder's, as in any causal LM output.
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,7 +83,7 @@ class COMIOutput(ModelOutput):
     decoder_attention_mask: torch.LongTensor | None = None
     memory: torch.FloatTensor | None = None
     memory_attention_mask: torch.BoolTensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -149,7 +149,7 @@ class COMIPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     # alpha/beta are scalars that training moves by small steps: keep them out of bf16/fp16.
     _keep_in_fp32_modules_strict = ["compressor"]
 
@@ -451,7 +451,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             )
             hidden.append(output.last_hidden_state)
             if use_cache:
-                caches.append([(layer.keys, layer.values) for layer in output.past_key_values.layers])
+                caches.append([(layer.keys, layer.values) for layer in output.cache.layers])
         key_values = None
         if use_cache:
             key_values = [
@@ -481,7 +481,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             input_ids=query_ids.masked_fill(~query_mask, 0),
             attention_mask=torch.cat([segment_mask, query_mask], dim=1).long(),
             position_ids=segment_mask.sum(1, keepdim=True) + position[None, :],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         return output.last_hidden_state, query_mask
@@ -569,7 +569,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             decoder_attention_mask=decoder_mask.long(),
             memory=memory,
             memory_attention_mask=memory_mask,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
