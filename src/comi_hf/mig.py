@@ -29,6 +29,7 @@ import torch
 
 __all__ = ["MIGDetails", "mig_compress"]
 
+
 @dataclass
 class MIGDetails:
     """What the compression did to each token, for explanations (all aligned with the input).
@@ -120,16 +121,18 @@ def mig_compress(
         return memory, memory_mask
     token_row = token_index // seq_len
     flat_states = hidden_states.reshape(batch_size * seq_len, hidden_size)
+    # Without padding the real tokens are the flat rows themselves: read them as views, not copies.
+    unit_index = None if num_tokens == flat_states.shape[0] else token_index
     work_elements = max(num_tokens * hidden_size // 8, _MIN_WORK_ELEMENTS)
 
     query_unit = query.to(compute_dtype)
     query_unit = query_unit / torch.linalg.vector_norm(query_unit, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-    inv_norm, relevance = _norms_and_relevance(flat_states, token_index, token_row, query_unit, work_elements)
+    inv_norm, relevance = _norms_and_relevance(flat_states, unit_index, token_row, query_unit, work_elements)
 
     if coarse:
         group_sizes = _reallocated_group_sizes(
             flat_states,
-            token_index,
+            unit_index,
             token_row,
             lengths,
             inv_norm,
@@ -156,7 +159,7 @@ def mig_compress(
         if fine_redundancy:
             redundancy = _max_cosine_to_others(
                 flat_states,
-                token_index,
+                unit_index,
                 inv_norm,
                 group_start[token_group],
                 group_end[token_group],
@@ -169,7 +172,7 @@ def mig_compress(
     else:
         weights = (1.0 / sizes.to(compute_dtype))[token_group]
 
-    fused = _weighted_segment_sum(flat_states, token_index, weights, token_group, num_groups, work_elements)
+    fused = _weighted_segment_sum(flat_states, unit_index, weights, token_group, num_groups, work_elements)
 
     # Position of each group among its row's memory vectors.
     groups_per_row = torch.bincount(group_row, minlength=batch_size)
@@ -196,16 +199,13 @@ def _check_inputs(
     attention_mask: torch.Tensor | None,
 ) -> None:
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(
-            f"`hidden_states` must be a (batch, n, hidden) tensor, got {_describe(hidden_states)}."
-        )
+        raise ValueError(f"`hidden_states` must be a (batch, n, hidden) tensor, got {_describe(hidden_states)}.")
     if not hidden_states.is_floating_point():
         raise TypeError(f"`hidden_states` must be a floating-point tensor, got {hidden_states.dtype}.")
     batch_size, seq_len, hidden_size = hidden_states.shape
     if not isinstance(query, torch.Tensor) or query.shape != (batch_size, hidden_size):
         raise ValueError(
-            f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, "
-            f"got {_describe(query)}."
+            f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, got {_describe(query)}."
         )
     if not query.is_floating_point():
         raise TypeError(f"`query` must be a floating-point tensor, got {query.dtype}.")
@@ -234,24 +234,27 @@ def _token_chunks(num_tokens: int, hidden_size: int, work_elements: int):
 
 def _norms_and_relevance(
     flat_states: torch.Tensor,
-    token_index: torch.Tensor,
+    token_index: torch.Tensor | None,
     token_row: torch.Tensor,
     query_unit: torch.Tensor,
     work_elements: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse norms ``(N,)`` of the real tokens and their cosine to their row's query ``(N,)``."""
+    """Inverse norms ``(N,)`` of the real tokens and their cosine to their row's query ``(N,)``
+    (``token_index=None``: every row of ``flat_states`` is a real token)."""
     inv_norms, relevances = [], []
-    for start, end in _token_chunks(token_index.numel(), flat_states.shape[1], work_elements):
-        states = flat_states[token_index[start:end]].to(query_unit.dtype)
+    for start, end in _token_chunks(token_row.numel(), flat_states.shape[1], work_elements):
+        states = _raw_vectors(flat_states, token_index, slice(start, end), query_unit.dtype)
         inv_norm = 1.0 / torch.linalg.vector_norm(states, dim=-1).clamp_min(_NORM_EPS)
         inv_norms.append(inv_norm)
-        relevances.append((states * query_unit[token_row[start:end]]).sum(-1) * inv_norm)
+        # One query broadcasts; several are gathered per token.
+        queries = query_unit if query_unit.shape[0] == 1 else query_unit[token_row[start:end]]
+        relevances.append(torch.linalg.vecdot(states, queries) * inv_norm)
     return torch.cat(inv_norms), torch.cat(relevances)
 
 
 def _reallocated_group_sizes(
     flat_states: torch.Tensor,
-    token_index: torch.Tensor,
+    token_index: torch.Tensor | None,
     token_row: torch.Tensor,
     lengths: torch.Tensor,
     inv_norm: torch.Tensor,
@@ -289,7 +292,7 @@ def _reallocated_group_sizes(
         row_start = first_group_of_row[group_row]
         row_redundancy = _max_cosine_to_others(
             flat_states,
-            token_index[representative],
+            representative if token_index is None else token_index[representative],
             inv_norm[representative],
             row_start,
             row_start + groups_per_row[group_row],
@@ -343,7 +346,7 @@ def _segment_softmax(values: torch.Tensor, segment: torch.Tensor, num_segments: 
 
 def _weighted_segment_sum(
     flat_states: torch.Tensor,
-    token_index: torch.Tensor,
+    token_index: torch.Tensor | None,
     weights: torch.Tensor,
     token_group: torch.Tensor,
     num_groups: int,
@@ -352,15 +355,15 @@ def _weighted_segment_sum(
     """``(groups, hidden)``: sum of ``weight * state`` over each group's tokens, chunk by chunk."""
     hidden_size = flat_states.shape[1]
     fused = torch.zeros(num_groups, hidden_size, dtype=weights.dtype, device=weights.device)
-    for start, end in _token_chunks(token_index.numel(), hidden_size, work_elements):
-        states = flat_states[token_index[start:end]].to(weights.dtype)
+    for start, end in _token_chunks(weights.numel(), hidden_size, work_elements):
+        states = _raw_vectors(flat_states, token_index, slice(start, end), weights.dtype)
         fused = fused.index_add(0, token_group[start:end], states * weights[start:end, None])
     return fused
 
 
 def _max_cosine_to_others(
     source: torch.Tensor,
-    unit_index: torch.Tensor,
+    unit_index: torch.Tensor | None,
     inv_norm: torch.Tensor,
     segment_start: torch.Tensor,
     segment_end: torch.Tensor,
@@ -368,7 +371,8 @@ def _max_cosine_to_others(
 ) -> torch.Tensor:
     """For every unit, the largest cosine to another unit of its segment (0 if it is alone).
 
-    Unit ``u`` is the vector ``source[unit_index[u]]`` with inverse norm ``inv_norm[u]``; the
+    Unit ``u`` is the vector ``source[unit_index[u]]`` (``source[u]`` when ``unit_index`` is
+    ``None``) with inverse norm ``inv_norm[u]``; the
     units of a segment are consecutive: ``segment_start[u] <= u < segment_end[u]``.
 
     The search for each unit's most similar partner runs without autograd, tile by tile; the
@@ -385,17 +389,18 @@ def _max_cosine_to_others(
     hidden_size = source.shape[1]
     cosines = []
     for start, end in _token_chunks(partner.numel(), hidden_size, work_elements):
-        units = torch.arange(start, end, device=partner.device)
-        products = _unit_vectors(source, unit_index, inv_norm, units) * _unit_vectors(
-            source, unit_index, inv_norm, partner[start:end]
+        others = partner[start:end]
+        dots = torch.linalg.vecdot(
+            _raw_vectors(source, unit_index, slice(start, end), inv_norm.dtype),
+            _raw_vectors(source, unit_index, others, inv_norm.dtype),
         )
-        cosines.append(products.sum(-1))
+        cosines.append(dots * inv_norm[start:end] * inv_norm[others])
     return torch.where(has_partner, torch.cat(cosines), 0.0)
 
 
 def _most_similar_partner(
     source: torch.Tensor,
-    unit_index: torch.Tensor,
+    unit_index: torch.Tensor | None,
     inv_norm: torch.Tensor,
     segment_start: torch.Tensor,
     segment_end: torch.Tensor,
@@ -409,7 +414,7 @@ def _most_similar_partner(
     sum of squared segment sizes and the scratch memory stays within ``work_elements``.
     """
     device = inv_norm.device
-    num_units = unit_index.numel()
+    num_units = inv_norm.numel()
     hidden_size = source.shape[1]
     # Tile edge: about the size of the segment an average unit sits in (a power of two).
     typical_segment = int((segment_end - segment_start).double().mean().ceil())
@@ -422,9 +427,9 @@ def _most_similar_partner(
     key_block_last = (segment_end[block_last] - 1) // tile
     tiles_per_block = key_block_last - key_block_first + 1
     tile_query = torch.repeat_interleave(torch.arange(num_blocks, device=device), tiles_per_block)
-    tile_offset = torch.arange(tile_query.numel(), device=device) - (tiles_per_block.cumsum(0) - tiles_per_block)[
-        tile_query
-    ]
+    tile_offset = (
+        torch.arange(tile_query.numel(), device=device) - (tiles_per_block.cumsum(0) - tiles_per_block)[tile_query]
+    )
     tile_key = key_block_first[tile_query] + tile_offset
 
     best = torch.full((num_units,), -math.inf, dtype=inv_norm.dtype, device=device)
@@ -438,9 +443,13 @@ def _most_similar_partner(
         key_valid = key_units < num_units
         query_units = query_units.clamp_max(num_units - 1)
         key_units = key_units.clamp_max(num_units - 1)
-        query_vectors = _unit_vectors(source, unit_index, inv_norm, query_units)
-        key_vectors = _unit_vectors(source, unit_index, inv_norm, key_units)
-        cosine = torch.bmm(query_vectors, key_vectors.transpose(1, 2))
+        # Dot products of the raw vectors, scaled afterwards: (tile x tile) multiplications
+        # instead of normalising two (tile x hidden) blocks.
+        dots = torch.bmm(
+            _raw_vectors(source, unit_index, query_units, inv_norm.dtype),
+            _raw_vectors(source, unit_index, key_units, inv_norm.dtype).transpose(1, 2),
+        )
+        cosine = dots * inv_norm[query_units][:, :, None] * inv_norm[key_units][:, None, :]
         allowed = (
             (segment_start[query_units][:, :, None] == segment_start[key_units][:, None, :])
             & (query_units[:, :, None] != key_units[:, None, :])
@@ -468,9 +477,12 @@ def _most_similar_partner(
     return partner
 
 
-def _unit_vectors(
-    source: torch.Tensor, unit_index: torch.Tensor, inv_norm: torch.Tensor, units: torch.Tensor
+def _raw_vectors(
+    source: torch.Tensor, unit_index: torch.Tensor | None, units: torch.Tensor | slice, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Unit-length vectors of ``units`` (any shape), gathered from ``source`` in the compute dtype."""
-    vectors = source[unit_index[units]].to(inv_norm.dtype)
-    return vectors * inv_norm[units][..., None]
+    """The vectors of ``units`` (an index tensor of any shape, or a slice), in ``dtype``.
+
+    ``unit_index=None`` means unit ``u`` is ``source[u]``: a slice is then a view, not a copy.
+    """
+    rows = units if unit_index is None else unit_index[units]
+    return source[rows].to(dtype)
