@@ -1,18 +1,100 @@
-"""Timing helper shared by the benchmark scripts (not a benchmark itself)."""
+"""Helpers shared by the benchmark scripts (not a benchmark itself): timing, the benchmark
+backbone, and the JSON / plot output."""
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3Config
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
+from comi_hf import COMIConfig, COMIForConditionalGeneration
+
+
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(function: Callable[[], object], repeats: int, device: str | torch.device = "cpu") -> float:
     """Run once to warm up, then return the median wall time of `repeats` runs."""
     function()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         function()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: ids 0-2 are pad, EOS and unknown, then `words` in order."""
+    vocab = {token: i for i, token in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def qwen3_shaped_model(
+    *,
+    layers: int = 36,
+    encoder_layers: int = 8,
+    hidden_size: int = 128,
+    vocab_size: int = 151936,
+    max_positions: int = 32768,
+    merge_size: int = 16,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> COMIForConditionalGeneration:
+    """A random COMI model whose backbone is shaped like Qwen3-4B in depth (36 layers, encoder 8,
+    LSA 1) and vocabulary (151,936), but tiny in width, so that it runs on a CPU. The cost that
+    COMI saves (decoder layers over the context) and the cost it keeps (the vocabulary
+    projection per generated token) keep their real proportions along the depth."""
+    backbone = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    config = COMIConfig(text_config=backbone, encoder_layers=encoder_layers, merge_size=merge_size)
+    return COMIForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+
+
+def machine_description(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a message) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+        return None
+    return plt

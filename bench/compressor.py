@@ -15,12 +15,11 @@ slope of log(time) against log(length).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 
 import torch
-from timing import median_seconds
+from common import machine_description, median_seconds, pyplot, write_json
 
 from comi_hf import mig_compress
 from comi_hf.memory_meter import PeakMemory
@@ -101,13 +100,8 @@ def describe(row: dict) -> str:
 
 
 def plot(rows: list[dict], exponents: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key in exponents:
@@ -158,11 +152,9 @@ def main() -> None:
         "rows": rows,
         "time_exponents": exponents,
         "max_peak_extra_over_input": worst,
-        "threads": torch.get_num_threads(),
+        "machine": machine_description("cpu"),
     }
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json(args.json, results)
     if args.plot:
         plot(rows, exponents, args.plot)
 

@@ -10,7 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", sorted(path.name for path in BENCH.glob("*.py") if path.name != "timing.py"))
+@pytest.mark.parametrize("script", sorted(path.name for path in BENCH.glob("*.py") if path.name != "common.py"))
 def test_benchmark_quick_mode(script, tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick", "--json", str(tmp_path / "out.json")],

@@ -1,0 +1,219 @@
+"""Answer latency of COMI against reading the full context with the same decoder.
+
+Both sides answer with `generate` (greedy, a fixed number of new tokens: EOS is switched off so
+every run decodes the same count) from the same random model, whose backbone is shaped like
+Qwen3-4B in depth and vocabulary but tiny in width (`common.qwen3_shaped_model`):
+
+* full context: `model.decoder.generate(input_ids=[context ; query])`;
+* COMI: `model.generate(input_ids=context, query_ids=query, merge_size=m)` (encoder over
+  `[segment ; query]`, MIG compression, LSA, decoder over `[memory ; query]`).
+
+Prefill is the time to the first new token (`max_new_tokens=1`); decode is the time per further
+token, `(t(N) - t(1)) / (N - 1)`. COMI's prefill is split into its parts by replaying the exact
+calls that one `compress` makes to the encoder, the compressor (MIG) and the LSA. Peak extra
+memory is what torch allocates during one answer, beyond the weights (CUDA: the allocator's
+peak; CPU: `comi_hf.memory_meter.PeakMemory`). Every figure is the median of several runs after
+a warm-up, and the ratios are taken within one run.
+
+    python bench/end_to_end.py                 # 2K, 8K and 16K tokens; merge 4, 8, 16, 32
+    python bench/end_to_end.py --context-tokens 32768 --merge-sizes 32
+    python bench/end_to_end.py --device cuda --dtype bfloat16
+    python bench/end_to_end.py --quick         # seconds, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import machine_description, median_seconds, pyplot, qwen3_shaped_model, synchronize, write_json
+
+from comi_hf.memory_meter import PeakMemory
+
+
+def peak_extra_bytes(function, device: str) -> int:
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        function()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated() - before
+    with PeakMemory() as meter:
+        function()
+    return meter.peak
+
+
+def latency(generate, new_tokens: int, args) -> dict:
+    """Prefill, per-token decode and total time of `generate(max_new_tokens=...)`, and its memory."""
+    first = generate(1)
+    answer = generate(new_tokens)
+    assert first.shape[-1] == 1 and answer.shape[-1] == new_tokens, "EOS must not stop the benchmark early"
+    prefill = median_seconds(lambda: generate(1), args.repeats, args.device)
+    total = median_seconds(lambda: generate(new_tokens), args.repeats, args.device)
+    return {
+        "prefill_seconds": prefill,
+        "decode_seconds_per_token": (total - prefill) / (new_tokens - 1),
+        "total_seconds": total,
+        "peak_extra_bytes": peak_extra_bytes(lambda: generate(new_tokens), args.device),
+    }
+
+
+def compression_parts(model, context_ids, query_ids, merge_size: int, args) -> dict:
+    """Seconds spent in the encoder, the MIG compressor and the LSA by one `compress` call."""
+    calls = []
+    parts = {"encoder": model.encoder, "mig": model.compressor, "lsa": model.lsa}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda module, call_args, call_kwargs, name=name: calls.append((name, module, call_args, call_kwargs)),
+            with_kwargs=True,
+        )
+        for name, module in parts.items()
+    ]
+    try:
+        model.compress(context_ids, None, query_ids, None, merge_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        f"{name}_seconds": median_seconds(
+            lambda name=name: [module(*a, **k) for part, module, a, k in calls if part == name],
+            args.repeats,
+            args.device,
+        )
+        for name in parts
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--context-tokens", type=int, nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--query-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--encoder-layers", type=int, default=8)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=151936)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    args = parser.parse_args()
+    if args.quick:
+        args.context_tokens, args.merge_sizes, args.layers, args.encoder_layers = [256], [8], 4, 2
+        args.vocab_size, args.new_tokens, args.repeats = 1000, 3, 1
+
+    model = qwen3_shaped_model(
+        layers=args.layers,
+        encoder_layers=args.encoder_layers,
+        hidden_size=args.hidden_size,
+        vocab_size=args.vocab_size,
+        max_positions=2 * max(args.context_tokens),
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
+    options = {"do_sample": False, "repetition_penalty": 1.0, "eos_token_id": None}
+    generator = torch.Generator().manual_seed(0)
+    query_ids = torch.randint(3, args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
+    backbone = (
+        f"Qwen3-shaped: {args.layers} layers (encoder {args.encoder_layers}, LSA 1), hidden {args.hidden_size}, "
+        f"vocabulary {args.vocab_size}, {args.dtype}"
+    )
+    print(f"{backbone}; {machine_description(args.device)}; {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"{'tokens':>7} {'merge':>5} | {'prefill s':>9} {'decode ms/tok':>13} {'total s':>8} {'peak MiB':>9} | "
+        f"{'speed-up':>8} {'prefill x':>9} | {'encoder s':>9} {'MIG % enc':>9} {'LSA s':>7}"
+    )
+    rows = []
+    with torch.inference_mode():
+        for length in args.context_tokens:
+            context_ids = torch.randint(3, args.vocab_size, (1, length), generator=generator).to(args.device)
+            prompt = torch.cat([context_ids, query_ids], dim=1)
+
+            def full_context(new_tokens: int, prompt=prompt) -> torch.Tensor:
+                out = model.decoder.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, **options
+                )
+                return out[:, prompt.shape[1] :]
+
+            full = {"context_tokens": length, "method": "full context", **latency(full_context, args.new_tokens, args)}
+            rows.append(full)
+            print(
+                f"{length:7d} {'-':>5} | {full['prefill_seconds']:9.3f} {full['decode_seconds_per_token'] * 1e3:13.2f} "
+                f"{full['total_seconds']:8.3f} {full['peak_extra_bytes'] / 2**20:9.1f} |",
+                flush=True,
+            )
+            for merge_size in args.merge_sizes:
+
+                def comi(new_tokens: int, context_ids=context_ids, merge_size=merge_size) -> torch.Tensor:
+                    return model.generate(
+                        input_ids=context_ids,
+                        query_ids=query_ids,
+                        merge_size=merge_size,
+                        max_new_tokens=new_tokens,
+                        **options,
+                    )
+
+                row = {
+                    "context_tokens": length,
+                    "method": "COMI",
+                    "merge_size": merge_size,
+                    **latency(comi, args.new_tokens, args),
+                    **compression_parts(model, context_ids, query_ids, merge_size, args),
+                }
+                row["speedup"] = full["total_seconds"] / row["total_seconds"]
+                row["prefill_speedup"] = full["prefill_seconds"] / row["prefill_seconds"]
+                row["memory_saving"] = full["peak_extra_bytes"] / row["peak_extra_bytes"]
+                row["mig_share_of_encoder"] = row["mig_seconds"] / row["encoder_seconds"]
+                rows.append(row)
+                print(
+                    f"{length:7d} {merge_size:5d} | {row['prefill_seconds']:9.3f} "
+                    f"{row['decode_seconds_per_token'] * 1e3:13.2f} {row['total_seconds']:8.3f} "
+                    f"{row['peak_extra_bytes'] / 2**20:9.1f} | {row['speedup']:7.2f}x {row['prefill_speedup']:8.2f}x | "
+                    f"{row['encoder_seconds']:9.3f} {100 * row['mig_share_of_encoder']:8.2f}% "
+                    f"{row['lsa_seconds']:7.3f}",
+                    flush=True,
+                )
+    write_json(
+        args.json,
+        {
+            "backbone": backbone,
+            "machine": machine_description(args.device),
+            "new_tokens": args.new_tokens,
+            "query_tokens": args.query_tokens,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+    )
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    full = [row for row in rows if row["method"] == "full context"]
+    left.loglog(
+        [row["context_tokens"] for row in full], [row["total_seconds"] for row in full], "k-o", label="full context"
+    )
+    for merge_size in sorted({row["merge_size"] for row in rows if row["method"] == "COMI"}):
+        series = [row for row in rows if row.get("merge_size") == merge_size]
+        lengths = [row["context_tokens"] for row in series]
+        left.loglog(lengths, [row["total_seconds"] for row in series], marker="o", label=f"COMI {merge_size}x")
+        right.semilogx(lengths, [row["speedup"] for row in series], marker="o", label=f"COMI {merge_size}x")
+    left.set(xlabel="context tokens", ylabel="seconds per answer", title="answer latency (generate)")
+    right.set(xlabel="context tokens", ylabel="full context time / COMI time", title="speed-up over the full context")
+    right.axhline(1.0, color="grey", linestyle="--")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
