@@ -18,7 +18,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine_description, median_seconds, pyplot, qwen3_shaped_model, word_tokenizer, write_json
+from common import (
+    add_model_arguments,
+    backbone_description,
+    machine_description,
+    median_seconds,
+    model_from_arguments,
+    pyplot,
+    quick_model_arguments,
+    word_tokenizer,
+    write_json,
+)
 from transformers import pipeline
 
 
@@ -28,29 +38,19 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=8192)
     parser.add_argument("--questions", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--merge-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--encoder-layers", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=151936)
+    add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = parser.parse_args()
     if args.quick:
-        args.context_tokens, args.layers, args.encoder_layers, args.vocab_size = 512, 4, 2, 1000
-        args.questions, args.max_new_tokens, args.repeats = [1, 4], 4, 1
+        quick_model_arguments(args)
+        args.context_tokens, args.questions, args.max_new_tokens, args.repeats = 512, [1, 4], 4, 1
 
     words = [f"w{i}" for i in range(500)]
     tokenizer = word_tokenizer(words)
-    model = qwen3_shaped_model(
-        layers=args.layers,
-        encoder_layers=args.encoder_layers,
-        hidden_size=args.hidden_size,
-        vocab_size=args.vocab_size,
-        max_positions=2 * args.context_tokens,
-        merge_size=args.merge_size,
-    )
+    model = model_from_arguments(args, max_positions=2 * args.context_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     context = " ".join(words[i] for i in torch.randint(len(words), (args.context_tokens,), generator=generator))
     questions = [
@@ -77,10 +77,7 @@ def main() -> None:
         row["speedup"] = row["seconds_separate"] / row["seconds_together"]
         if row["questions"] > 1:
             row["extra_question_share_of_first"] = (row["seconds_together"] - first) / (row["questions"] - 1) / first
-    backbone = (
-        f"Qwen3-shaped, {args.layers} layers (encoder {args.encoder_layers}), hidden {args.hidden_size}, "
-        f"vocabulary {args.vocab_size}"
-    )
+    backbone = backbone_description(args)
     results = {
         "context_tokens": args.context_tokens,
         "merge_size": args.merge_size,

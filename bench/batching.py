@@ -15,7 +15,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine_description, median_seconds, pyplot, qwen3_shaped_model, word_tokenizer, write_json
+from common import (
+    add_model_arguments,
+    backbone_description,
+    machine_description,
+    median_seconds,
+    model_from_arguments,
+    pyplot,
+    quick_model_arguments,
+    word_tokenizer,
+    write_json,
+)
 from transformers import pipeline
 
 
@@ -27,10 +37,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--merge-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--encoder-layers", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=151936)
+    add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
@@ -38,18 +45,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.documents, args.min_tokens, args.max_tokens, args.batch_sizes = 8, 32, 256, [1, 4]
-        args.layers, args.encoder_layers, args.vocab_size, args.max_new_tokens, args.repeats = 4, 2, 1000, 4, 1
+        args.max_new_tokens, args.repeats = 4, 1
+        quick_model_arguments(args)
 
     words = [f"w{i}" for i in range(500)]
     tokenizer = word_tokenizer(words)
-    model = qwen3_shaped_model(
-        layers=args.layers,
-        encoder_layers=args.encoder_layers,
-        hidden_size=args.hidden_size,
-        vocab_size=args.vocab_size,
-        max_positions=2 * args.max_tokens,
-        merge_size=args.merge_size,
-    )
+    model = model_from_arguments(args, max_positions=2 * args.max_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_tokens, args.max_tokens + 1, (args.documents,), generator=generator).tolist()
 
@@ -78,10 +79,7 @@ def main() -> None:
     for row in rows:
         row["throughput_over_batch_1"] = rows[0]["seconds"] / row["seconds"]
     same = all(answer == answers[args.batch_sizes[0]] for answer in answers.values())
-    backbone = (
-        f"Qwen3-shaped, {args.layers} layers (encoder {args.encoder_layers}), hidden {args.hidden_size}, "
-        f"vocabulary {args.vocab_size}"
-    )
+    backbone = backbone_description(args)
     results = {
         "documents": args.documents,
         "context_tokens": lengths,

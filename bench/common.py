@@ -75,6 +75,38 @@ def qwen3_shaped_model(
     return COMIForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
 
 
+def add_model_arguments(parser) -> None:
+    """The shape of `qwen3_shaped_model`'s backbone, as command-line options."""
+    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--encoder-layers", type=int, default=8)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=151936)
+
+
+def quick_model_arguments(args) -> None:
+    """`--quick`: a 4-layer backbone (encoder 2) with a 1,000-token vocabulary."""
+    args.layers, args.encoder_layers, args.vocab_size = 4, 2, 1000
+
+
+def model_from_arguments(args, *, max_positions: int, merge_size: int = 16, **kwargs) -> COMIForConditionalGeneration:
+    return qwen3_shaped_model(
+        layers=args.layers,
+        encoder_layers=args.encoder_layers,
+        hidden_size=args.hidden_size,
+        vocab_size=args.vocab_size,
+        max_positions=max_positions,
+        merge_size=merge_size,
+        **kwargs,
+    )
+
+
+def backbone_description(args) -> str:
+    return (
+        f"Qwen3-shaped: {args.layers} layers (encoder {args.encoder_layers}, LSA 1), hidden {args.hidden_size}, "
+        f"vocabulary {args.vocab_size}"
+    )
+
+
 def machine_description(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()

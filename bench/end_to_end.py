@@ -26,7 +26,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import machine_description, median_seconds, pyplot, qwen3_shaped_model, synchronize, write_json
+from common import (
+    add_model_arguments,
+    backbone_description,
+    machine_description,
+    median_seconds,
+    model_from_arguments,
+    pyplot,
+    quick_model_arguments,
+    synchronize,
+    write_json,
+)
 
 from comi_hf.memory_meter import PeakMemory
 
@@ -92,10 +102,7 @@ def main() -> None:
     parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--query-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--encoder-layers", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=151936)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -103,14 +110,11 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = parser.parse_args()
     if args.quick:
-        args.context_tokens, args.merge_sizes, args.layers, args.encoder_layers = [256], [8], 4, 2
-        args.vocab_size, args.new_tokens, args.repeats = 1000, 3, 1
+        args.context_tokens, args.merge_sizes, args.new_tokens, args.repeats = [256], [8], 3, 1
+        quick_model_arguments(args)
 
-    model = qwen3_shaped_model(
-        layers=args.layers,
-        encoder_layers=args.encoder_layers,
-        hidden_size=args.hidden_size,
-        vocab_size=args.vocab_size,
+    model = model_from_arguments(
+        args,
         max_positions=2 * max(args.context_tokens),
         device=args.device,
         dtype=getattr(torch, args.dtype),
@@ -118,10 +122,7 @@ def main() -> None:
     options = {"do_sample": False, "repetition_penalty": 1.0, "eos_token_id": None}
     generator = torch.Generator().manual_seed(0)
     query_ids = torch.randint(3, args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
-    backbone = (
-        f"Qwen3-shaped: {args.layers} layers (encoder {args.encoder_layers}, LSA 1), hidden {args.hidden_size}, "
-        f"vocabulary {args.vocab_size}, {args.dtype}"
-    )
+    backbone = f"{backbone_description(args)}, {args.dtype}"
     print(f"{backbone}; {machine_description(args.device)}; {args.new_tokens} new tokens, median of {args.repeats}")
     print(
         f"{'tokens':>7} {'merge':>5} | {'prefill s':>9} {'decode ms/tok':>13} {'total s':>8} {'peak MiB':>9} | "

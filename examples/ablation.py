@@ -36,7 +36,9 @@ from comi_hf.metrics import best_exact_match
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "comi_hf" / "default_model"
-# name -> config switches (None: a budget variant handled apart)
+# name -> config switches. The two per-token variants give every kept token its own vector
+# (merge size 1) with the coarse stage off: at merge size 1 it would still move tokens between
+# one-token groups and fuse some of them.
 VARIANTS = {
     "full MIG": {},
     "no coarse redundancy": {"coarse_redundancy": False},
@@ -44,9 +46,10 @@ VARIANTS = {
     "no redundancy": {"coarse_redundancy": False, "fine_redundancy": False},
     "no coarse stage": {"coarse_grained": False},
     "no fine stage (mean)": {"fine_grained": False},
-    "truncation": None,
-    "uncompressed": None,
+    "truncation": {"coarse_grained": False},
+    "uncompressed": {"coarse_grained": False},
 }
+PER_TOKEN = ("truncation", "uncompressed")
 SWITCHES = ("coarse_grained", "fine_grained", "coarse_redundancy", "fine_redundancy")
 
 
@@ -65,7 +68,7 @@ def memory_budget(context_tokens: int, merge_size: int) -> int:
 def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> tuple[float, float]:
     """Mean exact match and mean compression ratio of one variant on `docs`."""
     collate = COMIDataCollator()
-    switches = VARIANTS[variant] or {}
+    switches = VARIANTS[variant]
     saved = {name: getattr(model.config, name) for name in SWITCHES}
     for name, value in switches.items():
         setattr(model.config, name, value)
@@ -83,7 +86,7 @@ def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_siz
                 question = tokenizer(document.question, add_special_tokens=False)["input_ids"]
                 features.append({"input_ids": context, "query_ids": question})
             batch = collate(features)
-            per_token = variant in ("truncation", "uncompressed")
+            per_token = variant in PER_TOKEN
             memory, memory_mask = model.compress(**batch, merge_size=1 if per_token else merge_size)
             generated = model.generate(
                 query_ids=batch["query_ids"],
@@ -147,7 +150,7 @@ def plot(entries: list[dict], words_list: list[int], merge_sizes: list[int], pat
             for merge in merge_sizes:
                 scores = cell_scores(entries, variant, words, merge)
                 means.append(sum(scores) / len(scores))
-            style = "--" if variant in ("truncation", "uncompressed") else "-"
+            style = "--" if variant in PER_TOKEN else "-"
             axis.plot(merge_sizes, means, style, marker="o", label=variant)
         axis.set_xscale("log", base=2)
         axis.set_xticks(merge_sizes, [str(m) for m in merge_sizes])
