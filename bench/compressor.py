@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--max-call-seconds", type=float, default=20.0, help="stop lengthening a series once one call takes longer"
+        "--max-call-seconds", type=float, default=30.0, help="stop a series before a call could take longer"
     )
     parser.add_argument("--baseline-limit-gb", type=float, default=4.0)
     parser.add_argument("--json", help="write the results here")
@@ -151,13 +151,15 @@ def main() -> None:
         for hidden in args.hidden:
             for merge_size in args.merge_sizes:
                 for allocation in ("uniform", "skewed"):
-                    for length in args.lengths:
+                    for index, length in enumerate(args.lengths):
                         rows.append(measure(hidden, merge_size, allocation, length, args))
                         print(describe(rows[-1]), flush=True)
-                        if rows[-1]["seconds"] > args.max_call_seconds:
-                            # The coarse stage compares every pair of groups (n / m)^2: past this,
-                            # longer contexts at this merge size only cost time to measure.
-                            print(f"  longer contexts skipped: one call took over {args.max_call_seconds} s")
+                        # The coarse stage compares every pair of groups, and the fine stage every
+                        # pair of tokens in a group: extrapolate quadratically, and stop a series
+                        # before a call that would take longer than the cap.
+                        following = args.lengths[index + 1 : index + 2]
+                        if following and rows[-1]["seconds"] * (following[0] / length) ** 2 > args.max_call_seconds:
+                            print(f"  longer contexts skipped: a call could take over {args.max_call_seconds} s")
                             break
     exponents = {}
     for key in dict.fromkeys(key_of(row) for row in rows):
