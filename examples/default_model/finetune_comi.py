@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     write_model_card(
         output_dir,
         base_model=args.backbone,
-        merge_size=args.merge_size,
+        merge_size=model.config.merge_size,
         merge_sizes=args.merge_sizes,
         training_data=[f"comi-synth train split, documents of {args.curriculum} words (a curriculum)"],
         training_summary={
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluation=evaluations[-1],
         evaluation_data=f"comi-synth validation split, {args.eval_docs} documents of 256 words",
         notes=NOTES.read_text(),
+        trained_with="examples/default_model/finetune_comi.py",
     )
 
 

@@ -20,11 +20,14 @@ def write_model_card(
     evaluation: dict | None = None,
     evaluation_data: str | None = None,
     notes: str | None = None,
+    trained_with: str = "examples/train.py",
 ) -> Path:
     """Write `output_dir/README.md` so that `push_to_hub` publishes a usable, described repo."""
+    # A local directory is no Hub id: leave the metadata field out rather than point nowhere,
+    # and name only the directory (its absolute path means nothing on the Hub).
+    local = Path(base_model).exists()
     card_data = ModelCardData(
-        # A local directory is no Hub id: leave the field out rather than point nowhere.
-        base_model=base_model if not Path(base_model).exists() else None,
+        base_model=None if local else base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["comi", "context-compression", "long-context", "question-answering", "custom_code"],
@@ -33,11 +36,11 @@ def write_model_card(
         f"# {Path(output_dir).name}",
         "",
         "A COMI model (coarse-to-fine context compression with marginal information gain, ICLR 2026) "
-        "trained with comi_hf's `examples/train.py`. The encoder reads the context, "
+        f"trained with comi_hf's `{trained_with}`. The encoder reads the context, "
         "MIG compression keeps about one memory vector per merge-size tokens, and the decoder answers "
         "from the memory and the question.",
         "",
-        f"- Base model: `{base_model}`",
+        f"- Base model: `{Path(base_model).name}` (a local directory)" if local else f"- Base model: `{base_model}`",
         f"- Merge size (compression ratio) by default: {merge_size}"
         + (f"; trained with merge sizes sampled from {merge_sizes}" if merge_sizes else ""),
         f"- Training data: {', '.join(f'`{name}`' for name in training_data)}",
