@@ -63,6 +63,33 @@ def test_segments_are_compressed_separately_and_concatenated():
     torch.testing.assert_close(memory, torch.cat(pieces, 1))
 
 
+def test_encoder_passes_carry_no_padding_for_one_context():
+    # Segments of 16, 16 and 8 tokens, each with the query: the short last segment is encoded at
+    # its own length, without padding (an unmasked, fast attention pass).
+    model = tiny_comi(segment_size=16)
+    input_ids, _, query_ids, _ = sample(random_batch(context_len=40), 0)
+    masks = []
+    hook = model.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.compress(input_ids, None, query_ids)
+            model.encode_context(input_ids)
+    finally:
+        hook.remove()
+    query_len = query_ids.shape[1]
+    assert [tuple(mask.shape) for mask in masks] == [
+        (1, 16 + query_len),
+        (1, 16 + query_len),
+        (1, 8 + query_len),
+        (1, 16),  # encode_context: the segments alone
+        (1, 16),
+        (1, 8),
+    ]
+    assert all(bool(mask.all()) for mask in masks)
+
+
 # --------------------------------------------------------------------------- training forward
 def test_loss_and_gradients_reach_every_trained_part():
     model = tiny_comi(learnable_merge_weights=True, learnable_select_weights=True).train()

@@ -444,14 +444,27 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         """
         hidden, caches = [], []
         for start in range(0, input_ids.shape[0], rows_per_pass):
+            mask = attention_mask[start : start + rows_per_pass]
+            # Drop the columns no row of this pass reaches: a pass without padding then runs
+            # attention without a mask (the fast kernels), and a short last segment does not pay
+            # for the longest one. Rows are right-padded and causal, so nothing else changes.
+            width = int(mask.sum(1).max())
             output = self.encoder(
-                input_ids=input_ids[start : start + rows_per_pass],
-                attention_mask=attention_mask[start : start + rows_per_pass].long(),
+                input_ids=input_ids[start : start + rows_per_pass, :width],
+                attention_mask=mask[:, :width].long(),
                 use_cache=use_cache,
             )
-            hidden.append(output.last_hidden_state)
+            hidden.append(_pad_positions(output.last_hidden_state, input_ids.shape[1], dim=1))
             if use_cache:
-                caches.append([(layer.keys, layer.values) for layer in output.cache.layers])
+                caches.append(
+                    [
+                        (
+                            _pad_positions(layer.keys, input_ids.shape[1], dim=2),
+                            _pad_positions(layer.values, input_ids.shape[1], dim=2),
+                        )
+                        for layer in output.cache.layers
+                    ]
+                )
         key_values = None
         if use_cache:
             key_values = [
@@ -708,6 +721,16 @@ def _check_backbone_loading(path: str | os.PathLike, loading_info: dict) -> None
     problems = _loading_problems(loading_info, expected_missing=_NOT_IN_BACKBONE)
     if problems:
         raise ValueError(f"{path} does not match its own config as a decoder-only backbone: {problems}")
+
+
+def _pad_positions(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad `tensor` along `dim` (a sequence dimension) to `length` positions."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def _real_token_mask(
