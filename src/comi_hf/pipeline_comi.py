@@ -7,7 +7,6 @@ This file is also shipped as remote code beside saved models, so it imports noth
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 import torch
@@ -235,7 +234,10 @@ def _compression_record(tokens: list[str], token_memory: list[int], token_weight
         if position == 0 or token_memory[position] != token_memory[position - 1]
     ]
     ends = starts[1:] + [len(token_memory)]
-    groups = [{"start": start, "end": end, "weights": token_weight[start:end]} for start, end in zip(starts, ends, strict=True)]
+    groups = [
+        {"start": start, "end": end, "weights": token_weight[start:end]}
+        for start, end in zip(starts, ends, strict=True)
+    ]
     if len(groups) != count or [token_memory[start] for start in starts] != list(range(count)):
         raise RuntimeError("The compression details do not describe consecutive runs of tokens.")
     return {"tokens": tokens, "groups": groups}
