@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--max-call-seconds", type=float, default=30.0, help="stop a series before a call could take longer"
+        "--max-call-seconds", type=float, default=10.0, help="stop a series before a call could take longer"
     )
     parser.add_argument("--baseline-limit-gb", type=float, default=4.0)
     parser.add_argument("--json", help="write the results here")

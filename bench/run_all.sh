@@ -4,7 +4,7 @@
 #
 #     bash bench/run_all.sh [OUTPUT_DIR] [--device cuda --dtype bfloat16]
 #
-# About 50 minutes on a 2-core CPU; the extra arguments go to end_to_end.py (the others run on
+# About 35 minutes on a 2-core CPU; the extra arguments go to end_to_end.py (the others run on
 # the CPU in float32).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
