@@ -455,7 +455,8 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         lengths = attention_mask.sum(1)
         order = torch.argsort(lengths, descending=True, stable=True)
         sorted_lengths = lengths[order].tolist()
-        same_length_only = input_ids.device.type == "cpu"
+        # Where the encoder runs (inputs may sit elsewhere when accelerate dispatches the model).
+        same_length_only = self.encoder.get_input_embeddings().weight.device.type == "cpu"
         hidden, key_values, start = None, None, 0
         while start < num_rows:
             end = start + 1
