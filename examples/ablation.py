@@ -17,6 +17,10 @@ The stages are switched off at inference only: the model was trained with all of
 the paper's ablation of a trained model's compressor. Writes `ablation.json` (one entry per
 variant, length, merge size and document seed), `ablation.md` (mean exact match over seeds, with
 the spread) and `ablation.png`.
+
+For the compressing variants it also counts the documents whose target code was fused into a
+memory vector together with digits of another fact's code, and the exact match on those and on
+the rest: where a variant loses answers, this says whether fusion is what lost them.
 """
 
 from __future__ import annotations
@@ -65,15 +69,18 @@ def memory_budget(context_tokens: int, merge_size: int) -> int:
 
 
 @torch.inference_mode()
-def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> tuple[float, float]:
-    """Mean exact match and mean compression ratio of one variant on `docs`."""
+def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> dict:
+    """One variant on `docs`: `exact_match` and `compression_ratio` (means), and for compressing
+    variants `fused` (documents whose target code shares a memory vector with another code) and
+    `fused_correct` (those of them answered exactly)."""
     collate = COMIDataCollator()
     switches = VARIANTS[variant]
     saved = {name: getattr(model.config, name) for name in SWITCHES}
     for name, value in switches.items():
         setattr(model.config, name, value)
     model.compressor.read_config(model.config)
-    correct, ratio = 0, 0.0
+    per_token = variant in PER_TOKEN
+    correct, ratio, fused, fused_correct = 0, 0.0, 0, 0
     try:
         for start in range(0, len(docs), batch_size):
             chunk = docs[start : start + batch_size]
@@ -86,8 +93,9 @@ def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_siz
                 question = tokenizer(document.question, add_special_tokens=False)["input_ids"]
                 features.append({"input_ids": context, "query_ids": question})
             batch = collate(features)
-            per_token = variant in PER_TOKEN
-            memory, memory_mask = model.compress(**batch, merge_size=1 if per_token else merge_size)
+            memory, memory_mask, details = model.compress(
+                **batch, merge_size=1 if per_token else merge_size, return_details=True
+            )
             generated = model.generate(
                 query_ids=batch["query_ids"],
                 query_attention_mask=batch["query_attention_mask"],
@@ -95,16 +103,33 @@ def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_siz
                 max_new_tokens=5,  # 4 digits and EOS
             )
             answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for document, answer, full_length, kept in zip(
-                chunk, answers, full_lengths, memory_mask.sum(1).tolist(), strict=True
+            for document, answer, full_length, kept, token_memory in zip(
+                chunk, answers, full_lengths, memory_mask.sum(1).tolist(), details.token_memory, strict=True
             ):
-                correct += best_exact_match(answer.strip(), [document.answer])
+                right = best_exact_match(answer.strip(), [document.answer])
+                correct += right
                 ratio += full_length / kept
+                if not per_token and _target_code_fused(document, token_memory):
+                    fused += 1
+                    fused_correct += right
     finally:
         for name, value in saved.items():
             setattr(model.config, name, value)
         model.compressor.read_config(model.config)
-    return correct / len(docs), ratio / len(docs)
+    result = {"exact_match": correct / len(docs), "compression_ratio": round(ratio / len(docs), 3)}
+    if not per_token:
+        result.update(fused=fused, fused_correct=fused_correct)
+    return result
+
+
+def _target_code_fused(document, token_memory: torch.Tensor) -> bool:
+    """Whether a memory vector holding a digit of the target code also holds another code's digit
+    (`token_memory`: the memory index of each context token; word offsets are token offsets)."""
+    holders = {}
+    for fact in document.facts:
+        for memory in token_memory[fact.code_start : fact.code_start + fact.code_words].tolist():
+            holders.setdefault(memory, set()).add(fact.is_target)
+    return any(len(kinds) == 2 for kinds in holders.values())
 
 
 def cell_scores(entries: list[dict], variant: str, words: int, merge: int) -> list[float]:
@@ -133,8 +158,36 @@ def markdown(entries: list[dict], words_list: list[int], merge_sizes: list[int])
                 mean, spread = sum(scores) / len(scores), (max(scores) - min(scores)) / 2
                 cells.append(f"{mean:.3f} ± {spread:.3f}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Target code fused with another code's digits ({words}-word documents): share of documents, "
+            "then exact match on those / on the rest",
+            "",
+            "| variant | " + " | ".join(f"merge {m}" for m in merge_sizes) + " |",
+            "| --- | " + " | ".join("---" for _ in merge_sizes) + " |",
+        ]
+        for variant in VARIANTS:
+            if variant in PER_TOKEN:
+                continue
+            cells = []
+            for merge in merge_sizes:
+                cell = [
+                    e for e in entries if e["variant"] == variant and e["words"] == words and e["merge_size"] == merge
+                ]
+                docs = sum(e["num_docs"] for e in cell)
+                fused = sum(e["fused"] for e in cell)
+                fused_correct = sum(e["fused_correct"] for e in cell)
+                apart_correct = sum(round(e["exact_match"] * e["num_docs"]) for e in cell) - fused_correct
+                cells.append(
+                    f"{fused / docs:.1%} ({_ratio(fused_correct, fused)} / {_ratio(apart_correct, docs - fused)})"
+                )
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(part: int, whole: int) -> str:
+    return f"{part / whole:.3f}" if whole else "–"
 
 
 def plot(entries: list[dict], words_list: list[int], merge_sizes: list[int], path: Path) -> None:
@@ -189,17 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         key = (words, seed, variant, None if variant == "uncompressed" else merge)
         if key not in cache:  # the uncompressed ceiling does not depend on the merge size
             cache[key] = exact_match(model, tokenizer, docs, variant, merge, args.batch_size)
-        score, ratio = cache[key]
         entries.append(
-            {
-                "variant": variant,
-                "words": words,
-                "merge_size": merge,
-                "seed": seed,
-                "num_docs": len(docs),
-                "exact_match": score,
-                "compression_ratio": round(ratio, 3),
-            }
+            {"variant": variant, "words": words, "merge_size": merge, "seed": seed, "num_docs": len(docs), **cache[key]}
         )
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """examples/train.py and examples/evaluate.py end to end, in subprocesses, on the shipped data."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -8,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from comi_hf.metrics import normalize_answer
+from comi_hf.synthetic import FactSpan, SyntheticDocument
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -210,5 +213,25 @@ def test_ablation_quick_mode(tmp_path):
     # Every token its own vector: exactly 1x, whatever the coarse stage would have done.
     assert ratios[("uncompressed", 8)] == 1.0 and 6 < ratios[("full MIG", 8)] < 10
     assert abs(ratios[("truncation", 8)] - ratios[("full MIG", 8)]) < 1.0  # the same budget
+    for entry in result["entries"]:
+        if entry["variant"] in ("truncation", "uncompressed"):
+            assert "fused" not in entry
+        else:
+            assert 0 <= entry["fused_correct"] <= entry["fused"] <= entry["num_docs"]
     assert "| full MIG |" in (tmp_path / "ablation.md").read_text()
+    assert "Target code fused with another code" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablation_detects_a_target_code_fused_with_another_code():
+    spec = importlib.util.spec_from_file_location("ablation", EXAMPLES / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    # Two facts: the target's code at tokens 3-6, a distractor's at tokens 13-16.
+    document = SyntheticDocument("", "", "", 2, [FactSpan(0, 3, True), FactSpan(10, 13, False)])
+    apart = torch.arange(20) // 5  # memory vectors 0-3, five tokens each: codes in 0-1 and 2-3
+    assert not ablation._target_code_fused(document, apart)
+    together = torch.arange(20) // 10  # tokens 3-6 and 13-16 in vectors 0 and 1: still apart
+    assert not ablation._target_code_fused(document, together)
+    shared = torch.tensor([0] * 6 + [1] * 14)  # token 6 (the target's last digit) shares vector 1
+    assert ablation._target_code_fused(document, shared)

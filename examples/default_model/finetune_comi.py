@@ -32,6 +32,7 @@ from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize
 from comi_hf.model_card import write_model_card
+from comi_hf.modeling_comi import COMIMIGCompressor
 from comi_hf.synthetic import SPLIT_SEEDS, FactSpan, make_document
 
 logger = logging.getLogger("comi_hf.default_model")
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--context_tokens_per_batch", type=int, default=2048, help="Batch size = this / document length."
     )
+    parser.add_argument(
+        "--learnable_merge_weights",
+        action="store_true",
+        help="Train the fine stage's alpha/beta (SPEC §3), starting from --alpha_merge / --beta_merge.",
+    )
+    parser.add_argument("--alpha_merge", type=float, default=None, help="Fine-stage relevance weight to start from.")
+    parser.add_argument("--beta_merge", type=float, default=None, help="Fine-stage redundancy weight to start from.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -159,6 +167,17 @@ def main(argv: list[str] | None = None) -> None:
             # The auxiliary loss adds eager attention's additive mask to its recomputed scores.
             attn_implementation="eager",
         )
+    fine_stage = {"alpha_merge": args.alpha_merge, "beta_merge": args.beta_merge}
+    fine_stage = {name: value for name, value in fine_stage.items() if value is not None}
+    if model.config.learnable_merge_weights:
+        if fine_stage:
+            raise ValueError(f"{args.backbone} already learns its fine-stage weights; do not set {sorted(fine_stage)}.")
+    elif args.learnable_merge_weights or fine_stage:
+        # The compressor's only state is these weights: rebuild it from the edited config.
+        for name, value in fine_stage.items():
+            setattr(model.config, name, value)
+        model.config.learnable_merge_weights = args.learnable_merge_weights
+        model.compressor = COMIMIGCompressor(model.config)
     # A length curriculum, as for the backbone: on short documents (few memory vectors, merge
     # sizes from 1) the decoder learns to read encoder states at all; longer ones come after.
     steps, losses = 0, []
@@ -228,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
             "context tokens per batch": args.context_tokens_per_batch,
             "parts trained": "encoder, LSA and decoder, all fully",
             "auxiliary loss weight": args.aux_weight,
+            "fine-stage weights (alpha, beta)": "{:.3f}, {:.3f}{}".format(
+                float(model.compressor.alpha_merge),
+                float(model.compressor.beta_merge),
+                " (learnt)" if model.config.learnable_merge_weights else "",
+            ),
         },
         evaluation=evaluations[-1],
         evaluation_data=f"comi-synth validation split, {args.eval_docs} documents of 256 words",
