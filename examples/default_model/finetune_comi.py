@@ -39,11 +39,13 @@ logger = logging.getLogger("comi_hf.default_model")
 NOTES = Path(__file__).resolve().parent / "model_card_notes.md"
 
 
-def synthetic_dataset(tokenizer, split: str, num_docs: int, words: int, first_index: int = 0) -> Dataset:
-    """Tokenised documents plus where the target code starts in the context (words = tokens)."""
+def synthetic_dataset(tokenizer, split: str, num_docs: int, words: list[int], first_index: int = 0) -> Dataset:
+    """Tokenised documents plus where the target code starts in the context (words = tokens).
+
+    Document lengths take turns through `words`, so a stage can mix lengths."""
     rows = []
     for index in range(first_index, first_index + num_docs):
-        document = make_document(SPLIT_SEEDS[split] + index, words)
+        document = make_document(SPLIT_SEEDS[split] + index, words[index % len(words)])
         example = {"context": document.context, "question": document.question, "answers": [document.answer]}
         target = next(fact for fact in document.facts if fact.is_target)
         rows.append({**tokenize_example(example, tokenizer), "target_code_start": target.code_start})
@@ -122,18 +124,30 @@ class MemoryAttentionTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def _lengths(text: str) -> list[int]:
+    """'256' or '256,1024': the document lengths of one curriculum stage."""
+    return [int(words) for words in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", required=True, help="The pretrained backbone, or a COMI model to train on.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16], help="Merge sizes after stage 1.")
     parser.add_argument("--merge_size", type=int, default=8, help="The saved model's default merge size.")
-    parser.add_argument("--curriculum", type=int, nargs="+", default=[32, 64, 128, 256], help="Document lengths.")
+    parser.add_argument(
+        "--curriculum",
+        type=_lengths,
+        nargs="+",
+        default=[[32], [64], [128], [256]],
+        help="Document lengths in words, one per stage; '256,1024' mixes lengths in a stage.",
+    )
     parser.add_argument("--stage_steps", type=int, nargs="+", default=[800, 300, 300, 600], help="Steps per length.")
     parser.add_argument(
         "--first_stage_merge_sizes", type=int, nargs="+", default=[1, 2, 4], help="Merge sizes of the first stage."
     )
     parser.add_argument("--eval_docs", type=int, default=200)
+    parser.add_argument("--eval_words", type=int, nargs="+", default=[256], help="Validation document lengths.")
     # Weight 1 lets the attention term drown the answer's loss (measured: answer loss at chance).
     parser.add_argument("--aux_weight", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     retrieval_head = HeadLogAttention(model.decoder.model.layers[-1].self_attn)
     for stage, (words, stage_steps) in enumerate(zip(args.curriculum, args.stage_steps, strict=True)):
         merge_sizes = args.first_stage_merge_sizes if stage == 0 else args.merge_sizes
-        batch_size = max(1, args.context_tokens_per_batch // words)
+        batch_size = max(1, args.context_tokens_per_batch // max(words))
         train = synthetic_dataset(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
         trainer = MemoryAttentionTrainer(
             model=model,
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         steps += result.global_step
         losses.append(f"{result.training_loss:.4f}")
         logger.info(
-            "stage %d: %d-word documents, merge sizes %s, loss %.4f", stage, words, merge_sizes, result.training_loss
+            "stage %d: %s-word documents, merge sizes %s, loss %.4f", stage, words, merge_sizes, result.training_loss
         )
 
     model.eval()
@@ -224,22 +238,31 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     evaluations = []
-    validation = Dataset.from_list(
-        [
-            {"id": i, "context": d.context, "question": d.question, "answers": [d.answer]}
-            for i, d in enumerate(make_document(SPLIT_SEEDS["validation"] + i, 256) for i in range(args.eval_docs))
-        ]
-    )
-    for merge_size in sorted(set(args.merge_sizes)):
-        records = answer_dataset(model, tokenizer, validation, batch_size=64, merge_size=merge_size, progress=False)
-        evaluations.append(summarize(records, merge_size))
-        logger.info("validation at merge %d: %s", merge_size, evaluations[-1])
+    for words in args.eval_words:
+        validation = Dataset.from_list(
+            [
+                {"id": i, "context": d.context, "question": d.question, "answers": [d.answer]}
+                for i, d in enumerate(
+                    make_document(SPLIT_SEEDS["validation"] + i, words) for i in range(args.eval_docs)
+                )
+            ]
+        )
+        for merge_size in sorted(set(args.merge_sizes)):
+            records = answer_dataset(model, tokenizer, validation, batch_size=64, merge_size=merge_size, progress=False)
+            evaluations.append(summarize(records, merge_size))
+            logger.info("validation on %d-word documents at merge %d: %s", words, merge_size, evaluations[-1])
+    # The card shows the highest merge size on the first validation length.
+    card_evaluation = evaluations[len(set(args.merge_sizes)) - 1]
     write_model_card(
         output_dir,
         base_model=args.backbone,
         merge_size=model.config.merge_size,
         merge_sizes=args.merge_sizes,
-        training_data=[f"comi-synth train split, documents of {args.curriculum} words (a curriculum)"],
+        training_data=[
+            "comi-synth train split, documents of {} words (a curriculum)".format(
+                " → ".join("+".join(map(str, words)) for words in args.curriculum)
+            )
+        ],
         training_summary={
             "steps": f"{steps} ({args.stage_steps} per length)",
             "final training loss per stage": ", ".join(losses),
@@ -253,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                 " (learnt)" if model.config.learnable_merge_weights else "",
             ),
         },
-        evaluation=evaluations[-1],
-        evaluation_data=f"comi-synth validation split, {args.eval_docs} documents of 256 words",
+        evaluation=card_evaluation,
+        evaluation_data=f"comi-synth validation split, {args.eval_docs} documents of {args.eval_words[0]} words",
         notes=NOTES.read_text(),
         trained_with="examples/default_model/finetune_comi.py",
     )
