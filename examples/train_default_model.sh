@@ -9,7 +9,7 @@
 # sampled per batch), 4. held-out exact match (examples/evaluate.py), 5. the model, tokenizer
 # and card copied to OUTPUT_DIR (default: the package's src/comi_hf/default_model).
 #
-# Wall time on this 2-core CPU: about 85 minutes (backbone 23 min, COMI about 60 min, evaluation
+# Wall time on this 2-core CPU: about 100 minutes (backbone 23 min, COMI about 75 min, evaluation
 # 2 min; see README). The COMI stage does not always leave the chance level: from a second backbone of
 # the same script it stayed there (README). QUICK=1 runs every step for a few iterations on a
 # handful of documents (the test suite does this); its model answers nonsense.
@@ -26,17 +26,19 @@ if [ "$QUICK" = 1 ]; then
     TEST_DOCS=8 TEST_WORDS="256" TEST_MERGES="8"
     PRETRAIN=(--max_steps 4 --eval_every 2 --eval_docs 4 --curriculum 32 64)
     FINETUNE=(--eval_docs 8 --curriculum 32 64 --stage_steps 2 2)
-    ROUNDS=("2:2e-3:4 8" "2:1e-3:4 8 8")
-    LONGER=(--eval_docs 8)
+    ROUNDS=("2:2e-3:4 8:256:" "2:1e-3:4 8 8:256:--learnable_merge_weights --alpha_merge 2" "2:5e-4:4 8:64,128:")
+    ROUND_EVAL=(--eval_docs 8)
 else
     TEST_DOCS=1000 TEST_WORDS="256 1024" TEST_MERGES="4 8 16 32"
     PRETRAIN=(--max_minutes 25 --threads 1)
     FINETUNE=()
-    # steps:learning rate:merge sizes of each round on 256-word documents (a cosine schedule per
-    # round; a merge size is drawn per batch, so "4 8 8" trains merge 8 twice as often).
-    ROUNDS=("1500:2e-3:4 8" "1500:1.5e-3:4 8" "4000:1.5e-3:4 8" "5000:1e-3:4 8" "5000:1e-3:4 8 8"
-        "5000:5e-4:4 8 8 8")
-    LONGER=()
+    # steps:learning rate:merge sizes:document words:other arguments of each round (a cosine
+    # schedule per round; a merge size is drawn per batch, so "4 8 8" trains merge 8 twice as
+    # often; "256,1024" mixes two document lengths).
+    ROUNDS=("1500:2e-3:4 8:256:" "1500:1.5e-3:4 8:256:" "4000:1.5e-3:4 8:256:" "5000:1e-3:4 8:256:"
+        "5000:1e-3:4 8 8:256:" "5000:5e-4:4 8 8 8:256:"
+        "5000:5e-4:4 8 8 8:256:--learnable_merge_weights --alpha_merge 4")
+    ROUND_EVAL=()
 fi
 
 echo "== 1. held-out test data (training documents are generated on the fly)"
@@ -54,12 +56,13 @@ python "$HERE/default_model/finetune_comi.py" --backbone "$WORK/backbone" --outp
 # held-out exact match was still rising after each; README has the curve).
 PREVIOUS="$WORK/comi-curriculum"
 for ROUND in "${!ROUNDS[@]}"; do
-    IFS=: read -r STEPS RATE MERGES <<< "${ROUNDS[$ROUND]}"
+    IFS=: read -r STEPS RATE MERGES WORDS OTHER <<< "${ROUNDS[$ROUND]}"
     read -r -a MERGES <<< "$MERGES"
+    read -r -a OTHER <<< "$OTHER"
     NEXT="$WORK/comi-round-$ROUND"
     python "$HERE/default_model/finetune_comi.py" --backbone "$PREVIOUS" --output_dir "$NEXT" \
-        --curriculum 256 --stage_steps "$STEPS" --merge_sizes "${MERGES[@]}" --first_stage_merge_sizes "${MERGES[@]}" \
-        --learning_rate "$RATE" "${LONGER[@]}"
+        --curriculum "$WORDS" --stage_steps "$STEPS" --merge_sizes "${MERGES[@]}" --first_stage_merge_sizes "${MERGES[@]}" \
+        --learning_rate "$RATE" --eval_words ${WORDS//,/ } "${ROUND_EVAL[@]}" ${OTHER[@]+"${OTHER[@]}"}
     PREVIOUS=$NEXT
 done
 rm -rf "$WORK/comi" && cp -r "$PREVIOUS" "$WORK/comi"

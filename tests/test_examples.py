@@ -192,6 +192,11 @@ def test_default_model_recipe_quick_mode(tmp_path):
         assert (output / name).is_file(), name
     card = (output / "README.md").read_text()
     assert "auxiliary" in card.lower() and "Held-out results" in card
+    # The second round's own arguments reached it: the fine-stage weights are learnt from alpha 2
+    # on, and the last round (two document lengths in one stage) kept learning them.
+    config = json.loads((output / "config.json").read_text())
+    assert config["learnable_merge_weights"] and config["alpha_merge"] == 2.0
+    assert "documents of 64+128 words" in card and "(learnt)" in card
     load = f"from comi_hf import COMIForConditionalGeneration as M; M.from_pretrained({str(output)!r})"
     loaded = subprocess.run(
         [sys.executable, "-c", load],

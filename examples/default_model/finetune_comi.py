@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             "parts trained": "encoder, LSA and decoder, all fully",
             "auxiliary loss weight": args.aux_weight,
             "fine-stage weights (alpha, beta)": "{:.3f}, {:.3f}{}".format(
-                float(model.compressor.alpha_merge),
-                float(model.compressor.beta_merge),
+                float(torch.as_tensor(model.compressor.alpha_merge).detach()),
+                float(torch.as_tensor(model.compressor.beta_merge).detach()),
                 " (learnt)" if model.config.learnable_merge_weights else "",
             ),
         },
