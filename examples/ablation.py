@@ -69,7 +69,7 @@ def memory_budget(context_tokens: int, merge_size: int) -> int:
 
 
 @torch.inference_mode()
-def exact_match(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> dict:
+def score_variant(model, tokenizer, docs, variant: str, merge_size: int, batch_size: int) -> dict:
     """One variant on `docs`: `exact_match` and `compression_ratio` (means), and for compressing
     variants `fused` (documents whose target code shares a memory vector with another code) and
     `fused_correct` (those of them answered exactly)."""
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         docs = documents(words, seed, args.num_docs)
         key = (words, seed, variant, None if variant == "uncompressed" else merge)
         if key not in cache:  # the uncompressed ceiling does not depend on the merge size
-            cache[key] = exact_match(model, tokenizer, docs, variant, merge, args.batch_size)
+            cache[key] = score_variant(model, tokenizer, docs, variant, merge, args.batch_size)
         entries.append(
             {"variant": variant, "words": words, "merge_size": merge, "seed": seed, "num_docs": len(docs), **cache[key]}
         )
