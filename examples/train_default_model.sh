@@ -35,9 +35,8 @@ else
     # steps:learning rate:merge sizes:document words:other arguments of each round (a cosine
     # schedule per round; a merge size is drawn per batch, so "4 8 8" trains merge 8 twice as
     # often; "256,1024" mixes two document lengths).
-    ROUNDS=("1500:2e-3:4 8:256:" "1500:1.5e-3:4 8:256:" "4000:1.5e-3:4 8:256:" "5000:1e-3:4 8:256:"
-        "5000:1e-3:4 8 8:256:" "5000:5e-4:4 8 8 8:256:"
-        "5000:5e-4:4 8 8 8:256:--learnable_merge_weights --alpha_merge 4")
+    ROUNDS=("1500:2e-3:4 8:256:" "1500:1.5e-3:4 8:256:" "4000:1.5e-3:4 8:256:"
+        "5000:1e-3:4 8 8:256:--learnable_merge_weights --alpha_merge 4" "3000:5e-4:4 8 8 8:256:")
     ROUND_EVAL=()
 fi
 
