@@ -44,11 +44,19 @@ def padded_baseline(states: torch.Tensor, query: torch.Tensor, group_sizes: list
     return (weights[..., None] * padded).sum(1)
 
 
-def fitted_exponent(lengths: list[int], seconds: list[float]) -> float:
+def fitted_exponent(lengths: list[int], seconds: list[float]) -> float | None:
+    """Least-squares slope of log(seconds) on log(length); None for a series of one length."""
+    if len(set(lengths)) < 2:
+        # A series stops after its first length when that call was already slow (a busy machine).
+        return None
     xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in seconds]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
     return covariance / sum((x - mean_x) ** 2 for x in xs)
+
+
+def describe_exponent(exponent: float | None) -> str:
+    return "n/a (one length)" if exponent is None else f"{exponent:.2f}"
 
 
 def repeats_for(states: torch.Tensor, args: argparse.Namespace) -> int:
@@ -118,7 +126,10 @@ def plot(rows: list[dict], exponents: dict, path: str) -> None:
         series = [row for row in rows if key_of(row) == key]
         lengths = [row["length"] for row in series]
         left.loglog(
-            lengths, [row["seconds"] for row in series], marker="o", label=f"{key} (slope {exponents[key]:.2f})"
+            lengths,
+            [row["seconds"] for row in series],
+            marker="o",
+            label=f"{key} (slope {describe_exponent(exponents[key])})",
         )
         right.semilogx(lengths, [row["peak_extra_over_input"] for row in series], marker="o", label=key)
     left.set(xlabel="context tokens", ylabel="seconds", title="mig_compress time")
@@ -165,7 +176,7 @@ def main() -> None:
     for key in dict.fromkeys(key_of(row) for row in rows):
         series = [row for row in rows if key_of(row) == key]
         exponents[key] = fitted_exponent([row["length"] for row in series], [row["seconds"] for row in series])
-        print(f"time exponent {key}: {exponents[key]:.2f}")
+        print(f"time exponent {key}: {describe_exponent(exponents[key])}")
     worst = max(row["peak_extra_over_input"] for row in rows)
     print(f"largest peak extra memory: {worst:.2f}x the input hidden states")
     results = {
