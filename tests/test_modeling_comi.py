@@ -116,6 +116,45 @@ def test_loss_is_the_answer_cross_entropy_only():
     torch.testing.assert_close(output.loss, expected)
 
 
+def test_forward_and_generate_from_precompressed_memory():
+    model = tiny_comi(merge_sizes=[2, 8])
+    model.train()  # a merge size would be drawn per call: the memory's own must be the one used
+    input_ids, attention_mask, query_ids, query_mask = random_batch()
+    labels = _answers()
+    memory, memory_mask, details = model.compress(
+        input_ids, attention_mask, query_ids, query_mask, merge_size=2, return_details=True
+    )
+    assert details.token_memory.shape == input_ids.shape
+    direct = model(input_ids, attention_mask, query_ids, query_mask, labels=labels, merge_size=2)
+    reused = model(query_ids=query_ids, query_attention_mask=query_mask, labels=labels, memory=(memory, memory_mask))
+    torch.testing.assert_close(reused.loss, direct.loss)
+    reused.loss.backward()  # the gradient reaches the encoder through the given memory
+    assert model.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        memory = model.compress(input_ids, attention_mask, query_ids, query_mask)
+    torch.testing.assert_close(
+        model.generate(query_ids=query_ids, query_attention_mask=query_mask, memory=memory, max_new_tokens=4),
+        model.generate(input_ids, attention_mask, query_ids, query_mask, max_new_tokens=4),
+    )
+
+
+def test_forward_rejects_memory_with_contexts_or_of_the_wrong_shape():
+    model = tiny_comi()
+    input_ids, _, query_ids, _ = random_batch()
+    memory, memory_mask = model.compress(input_ids, None, query_ids)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids, query_ids=query_ids, memory=(memory, memory_mask))
+    with pytest.raises(ValueError, match="not both"):
+        model(query_ids=query_ids, memory=(memory, memory_mask), merge_size=2)
+    with pytest.raises(ValueError, match=r"\(3, memory_len, hidden\)"):
+        model(query_ids=query_ids, memory=(memory[:2], memory_mask[:2]))
+    with pytest.raises(ValueError, match="pair `compress` gives"):
+        model(query_ids=query_ids, memory=memory)
+    with pytest.raises(ValueError, match="needs both a context"):
+        model(query_ids=query_ids)
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left", "mixed"])
 def test_forward_batch_equals_each_sample_alone(padding_side):
     model = tiny_comi(segment_size=24)

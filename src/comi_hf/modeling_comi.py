@@ -546,6 +546,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         merge_size: int | None = None,
         use_cache: bool = False,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> COMIOutput:
         """Compress the contexts and run the decoder on `[memory ; query ; answer]`.
@@ -558,14 +559,22 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 them alone; memory and query positions are never scored.
             merge_size: overrides the configured merge size (otherwise, in training mode, one of
                 `config.merge_sizes` is drawn per batch when set).
+            memory: `(memory, memory_attention_mask)` from [`compress`], instead of `input_ids`:
+                compression already done (e.g. with `return_details=True`, whose token → memory
+                map a training loss may need) is not done again. Gradients flow into it as usual.
             **kwargs: passed to the decoder (e.g. `num_items_in_batch`, `logits_to_keep`).
 
         Each sample is packed without gaps and right-padded, so a batch gives every sample the
         result it gets alone.
         """
-        if input_ids is None or query_ids is None:
-            raise ValueError("COMI needs both a context (`input_ids`) and a query (`query_ids`).")
-        memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
+        if (input_ids is None and memory is None) or query_ids is None:
+            raise ValueError("COMI needs both a context (`input_ids` or `memory`) and a query (`query_ids`).")
+        if memory is None:
+            memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
+        elif input_ids is not None or merge_size is not None:
+            raise ValueError("Give the contexts as `input_ids` (and `merge_size`) or as compressed `memory`, not both.")
+        else:
+            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
         embed = self.get_input_embeddings()
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         parts = [(memory, memory_mask), (embed(query_ids.masked_fill(~query_mask, 0)), query_mask)]
@@ -668,9 +677,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 context_index=context_index,
             )
         else:
-            memory, memory_mask = memory
-            if memory.shape[0] != query_ids.shape[0] or memory_mask.shape != memory.shape[:2]:
-                raise ValueError("`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives.")
+            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
         inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
@@ -758,6 +765,28 @@ def _real_token_mask(ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str
             f"`{mask_name}` must have the shape of `{ids_name}` {tuple(ids.shape)}, got {_describe(mask)}."
         )
     return mask.to(ids.device) != 0
+
+
+def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(memory, memory_attention_mask)` pair of [`COMIForConditionalGeneration.compress`], checked."""
+    if not isinstance(memory, (tuple, list)) or len(memory) != 2:
+        raise ValueError(
+            f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, got {_describe(memory)}."
+        )
+    vectors, mask = memory
+    if (
+        not isinstance(vectors, torch.Tensor)
+        or not isinstance(mask, torch.Tensor)
+        or vectors.dim() != 3
+        or vectors.shape[0] != num_queries
+        or mask.shape != vectors.shape[:2]
+    ):
+        raise ValueError(
+            f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, "
+            f"`({num_queries}, memory_len, hidden)` and `({num_queries}, memory_len)` for {num_queries} queries; "
+            f"got {_describe(vectors)} and {_describe(mask)}."
+        )
+    return vectors, mask.bool()
 
 
 def _describe(value: object) -> str:
