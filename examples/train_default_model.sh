@@ -31,7 +31,7 @@ if [ "$QUICK" = 1 ]; then
     ROUND_EVAL=(--eval_docs 8)
 else
     TEST_DOCS=1000 TEST_WORDS="256 1024" TEST_MERGES="4 8 16 32"
-    PRETRAIN=(--max_minutes 25 --threads 1)
+    PRETRAIN=(--max_minutes 25 --threads 2)
     FINETUNE=()
     # steps:learning rate:merge sizes:document words:other arguments of each round (a cosine
     # schedule per round; a merge size is drawn per batch, so "4 8 8" trains merge 8 twice as
