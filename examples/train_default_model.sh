@@ -9,11 +9,12 @@
 # sampled per batch), 4. held-out exact match (examples/evaluate.py), 5. the model, tokenizer
 # and card copied to OUTPUT_DIR (default: the package's src/comi_hf/default_model).
 #
-# Wall time on this 2-core CPU, measured end to end from an empty directory: 59 minutes (backbone
-# 13.5 min, COMI 45 min, evaluation 1 min); that run reached held-out exact match 0.987 / 0.944 at
-# merge 4 / 8 on 256-word documents. The COMI stage's trajectory varies from run to run (README),
-# and the shipped model came from a longer schedule (README). QUICK=1 runs every step for a few
-# iterations on a handful of documents (the test suite does this); its model answers nonsense.
+# Wall time on this 2-core CPU, measured end to end from an empty directory: 44 minutes (backbone
+# 11.7 min, COMI 30.9 min, evaluation 1.2 min); that run reached held-out exact match 0.955 / 0.896
+# at merge 4 / 8 on 256-word documents, an earlier one (59 minutes, before the steps got faster)
+# 0.987 / 0.944: the trajectory varies from run to run (README), and the shipped model came from a
+# longer schedule (README). QUICK=1 runs every step for a few iterations on a handful of
+# documents (the test suite does this); its model answers nonsense.
 set -euo pipefail
 
 WORK=${1:?usage: bash examples/train_default_model.sh WORK_DIR [OUTPUT_DIR]}
