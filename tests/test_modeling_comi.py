@@ -139,7 +139,7 @@ def test_forward_and_generate_from_precompressed_memory():
     )
 
 
-def test_forward_rejects_memory_with_contexts_or_of_the_wrong_shape():
+def test_forward_and_generate_reject_memory_with_contexts_or_of_the_wrong_shape():
     model = tiny_comi()
     input_ids, _, query_ids, _ = random_batch()
     memory, memory_mask = model.compress(input_ids, None, query_ids)
@@ -153,6 +153,10 @@ def test_forward_rejects_memory_with_contexts_or_of_the_wrong_shape():
         model(query_ids=query_ids, memory=memory)
     with pytest.raises(ValueError, match="needs both a context"):
         model(query_ids=query_ids)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(input_ids, query_ids=query_ids, memory=(memory, memory_mask))
+    with pytest.raises(ValueError, match="pair `compress` gives"):
+        model.generate(query_ids=query_ids, memory=(memory, memory_mask[:, :1]))
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left", "mixed"])

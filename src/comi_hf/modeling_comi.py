@@ -676,6 +676,11 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 context_encoding=context_encoding,
                 context_index=context_index,
             )
+        elif input_ids is not None or context_encoding is not None or merge_size is not None:
+            raise ValueError(
+                "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
+                "`memory`, not both."
+            )
         else:
             memory, memory_mask = _check_memory(memory, query_ids.shape[0])
         query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
