@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from comi_hf import DEFAULT_MODEL
 from comi_hf.metrics import normalize_answer
 from comi_hf.synthetic import FactSpan, SyntheticDocument
 
@@ -192,11 +193,13 @@ def test_default_model_recipe_quick_mode(tmp_path):
         assert (output / name).is_file(), name
     card = (output / "README.md").read_text()
     assert "auxiliary" in card.lower() and "Held-out results" in card
-    # The second round's own arguments reached it: the fine-stage weights are learnt from alpha 2
-    # on, and the last round (two document lengths in one stage) kept learning them.
+    # The curriculum's own arguments reached it: the fine-stage weights are learnt from alpha 2
+    # on, and the round (two document lengths in one stage) kept learning them until its stop
+    # rule (exact match 0 is reached at the first check, step 2 of 4).
     config = json.loads((output / "config.json").read_text())
     assert config["learnable_merge_weights"] and config["alpha_merge"] == 2.0
     assert "documents of 64+128 words" in card and "(learnt)" in card
+    assert "steps: 2 ([4] per length)" in card and "stops at 0.0 at every merge size" in card
     load = f"from comi_hf import COMIForConditionalGeneration as M; M.from_pretrained({str(output)!r})"
     loaded = subprocess.run(
         [sys.executable, "-c", load],
@@ -240,3 +243,22 @@ def test_ablation_detects_a_target_code_fused_with_another_code():
     assert not ablation._target_code_fused(document, together)
     shared = torch.tensor([0] * 6 + [1] * 14)  # token 6 (the target's last digit) shares vector 1
     assert ablation._target_code_fused(document, shared)
+
+
+@pytest.mark.parametrize(("stop_at", "steps", "checks"), [(0.9, 2, 1), (1.01, 4, 2)])
+def test_finetune_comi_stops_once_validation_reaches_the_target(tmp_path, stop_at, steps, checks):
+    """--stop_at ends the last stage at the first check where every merge size reaches it.
+
+    From the shipped model (validation exact match near 1 at merge 4 and 8) at a learning rate
+    too small to change it: 0.9 is reached at the first check, 1.01 never."""
+    command = [
+        sys.executable, str(EXAMPLES / "default_model" / "finetune_comi.py"),
+        "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path / "model"),
+        "--curriculum", "256", "--stage_steps", "4", "--merge_sizes", "4", "8", "--learning_rate", "1e-9",
+        "--eval_docs", "10", "--eval_every", "2", "--stop_at", str(stop_at),
+    ]  # fmt: skip
+    _run(command, tmp_path)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"steps: {steps} ([4] per length)" in card
+    summary = next(line for line in card.splitlines() if "validation exact match during the last stage" in line)
+    assert summary.count("step ") == checks and f"stops at {stop_at} at every merge size" in summary

@@ -14,6 +14,9 @@ the loss stayed at the chance level (1.84 nats a token) for 300 steps: the backb
 embeddings, the memory vectors are encoder states, and nothing tells the decoder where to look
 until it happens to. With the auxiliary loss the lookup is learnt within minutes. The saved model
 is a plain COMI model; evaluation is greedy exact match.
+
+`--stop_at EM` ends the last stage once validation exact match reaches EM at every merge size
+(checked every `--eval_every` steps), so a round lasts as long as the run needs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from comi_hf import COMIForConditionalGeneration
@@ -134,6 +137,62 @@ class LossWithMemoryAttention(nn.Module):
         return {"loss": loss}
 
 
+def validation_dataset(words: int, num_docs: int) -> Dataset:
+    """The first `num_docs` documents of the validation split, of `words` words."""
+    documents = (make_document(SPLIT_SEEDS["validation"] + i, words) for i in range(num_docs))
+    return Dataset.from_list(
+        [
+            {"id": i, "context": d.context, "question": d.question, "answers": [d.answer]}
+            for i, d in enumerate(documents)
+        ]
+    )
+
+
+def validate(model, tokenizer, validation: Dataset, merge_sizes: list[int]) -> list[dict]:
+    """Greedy exact match on `validation` at each merge size (the model is left in eval mode)."""
+    model.eval()
+    return [
+        summarize(answer_dataset(model, tokenizer, validation, batch_size=64, merge_size=size, progress=False), size)
+        for size in sorted(set(merge_sizes))
+    ]
+
+
+class StopAtExactMatch(TrainerCallback):
+    """Validates every `every` steps and ends training once every merge size reaches `target`.
+
+    A round of the recipe then lasts as long as this run needs: runs of one schedule differ by
+    thousands of steps in when they reach the target (README), so a fixed length either wastes
+    steps or stops short.
+    """
+
+    def __init__(self, model, tokenizer, validation: Dataset, merge_sizes: list[int], every: int, target: float):
+        self.model, self.tokenizer, self.validation = model, tokenizer, validation
+        self.merge_sizes, self.every, self.target = merge_sizes, every, target
+        self.history: list[dict] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every:
+            return
+        scores = validate(self.model, self.tokenizer, self.validation, self.merge_sizes)
+        self.model.train()
+        self.history.append(
+            {"step": state.global_step, **{f"merge_{s['merge_size']}": s["exact_match"] for s in scores}}
+        )
+        logger.info("step %d, validation exact match: %s", state.global_step, self.history[-1])
+        if min(score["exact_match"] for score in scores) >= self.target:
+            control.should_training_stop = True
+
+
+def _stop_summary(stop: StopAtExactMatch) -> str:
+    checks = "; ".join(
+        "step {}: {}".format(
+            entry["step"], ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in entry.items() if k != "step")
+        )
+        for entry in stop.history
+    )
+    return f"{checks or 'no check'} (training stops at {stop.target} at every merge size)"
+
+
 def _lengths(text: str) -> list[int]:
     """'256' or '256,1024': the document lengths of one curriculum stage."""
     return [int(words) for words in text.split(",")]
@@ -171,6 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--alpha_merge", type=float, default=None, help="Fine-stage relevance weight to start from.")
     parser.add_argument("--beta_merge", type=float, default=None, help="Fine-stage redundancy weight to start from.")
+    parser.add_argument(
+        "--stop_at",
+        type=float,
+        default=None,
+        help="End the last stage early once validation exact match (first --eval_words) reaches this at every "
+        "merge size; checked every --eval_every steps.",
+    )
+    parser.add_argument("--eval_every", type=int, default=500, help="Steps between the checks of --stop_at.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -201,14 +268,23 @@ def main(argv: list[str] | None = None) -> None:
             setattr(model.config, name, value)
         model.config.learnable_merge_weights = args.learnable_merge_weights
         model.compressor = COMIMIGCompressor(model.config)
+    # Greedy as in the official evaluation, but without its repetition penalty (1.3): half of the
+    # codes repeat a digit, and a penalty on repeats would fight the right answer.
+    model.generation_config.repetition_penalty = 1.0
+    validations = {words: validation_dataset(words, args.eval_docs) for words in args.eval_words}
     # A length curriculum, as for the backbone: on short documents (few memory vectors, merge
     # sizes from 1) the decoder learns to read encoder states at all; longer ones come after.
-    steps, losses = 0, []
+    steps, losses, stop = 0, [], None
     # One module for every stage (its hook on the decoder would otherwise run once per stage).
     training_model = LossWithMemoryAttention(model, args.first_stage_merge_sizes, args.aux_weight)
     for stage, (words, stage_steps) in enumerate(zip(args.curriculum, args.stage_steps, strict=True)):
         training_model.merge_sizes = args.first_stage_merge_sizes if stage == 0 else args.merge_sizes
         batch_size = max(1, args.context_tokens_per_batch // max(words))
+        callbacks = []
+        if args.stop_at is not None and stage == len(args.curriculum) - 1:
+            validation = validations[args.eval_words[0]]
+            stop = StopAtExactMatch(model, tokenizer, validation, args.merge_sizes, args.eval_every, args.stop_at)
+            callbacks.append(stop)
         train = synthetic_dataset(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
         trainer = Trainer(
             model=training_model,
@@ -227,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             train_dataset=train,
             data_collator=TargetCollator(),
+            callbacks=callbacks,
         )
         result = trainer.train()
         steps += result.global_step
@@ -241,26 +318,14 @@ def main(argv: list[str] | None = None) -> None:
 
     model.eval()
     model.set_attn_implementation("sdpa")
-    # Greedy as in the official evaluation, but without its repetition penalty (1.3): half of the
-    # codes repeat a digit, and a penalty on repeats would fight the right answer.
-    model.generation_config.repetition_penalty = 1.0
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     evaluations = []
-    for words in args.eval_words:
-        validation = Dataset.from_list(
-            [
-                {"id": i, "context": d.context, "question": d.question, "answers": [d.answer]}
-                for i, d in enumerate(
-                    make_document(SPLIT_SEEDS["validation"] + i, words) for i in range(args.eval_docs)
-                )
-            ]
-        )
-        for merge_size in sorted(set(args.merge_sizes)):
-            records = answer_dataset(model, tokenizer, validation, batch_size=64, merge_size=merge_size, progress=False)
-            evaluations.append(summarize(records, merge_size))
-            logger.info("validation on %d-word documents at merge %d: %s", words, merge_size, evaluations[-1])
+    for words, validation in validations.items():
+        evaluations += validate(model, tokenizer, validation, args.merge_sizes)
+        for evaluation in evaluations[-len(set(args.merge_sizes)) :]:
+            logger.info("validation on %d-word documents: %s", words, evaluation)
     # The card shows the highest merge size on the first validation length.
     card_evaluation = evaluations[len(set(args.merge_sizes)) - 1]
     write_model_card(
@@ -280,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             "context tokens per batch": args.context_tokens_per_batch,
             "parts trained": "encoder, LSA and decoder, all fully",
             "auxiliary loss weight": args.aux_weight,
+            **({"validation exact match during the last stage": _stop_summary(stop)} if stop else {}),
             "fine-stage weights (alpha, beta)": "{:.3f}, {:.3f}{}".format(
                 float(torch.as_tensor(model.compressor.alpha_merge).detach()),
                 float(torch.as_tensor(model.compressor.beta_merge).detach()),
