@@ -245,20 +245,44 @@ def test_ablation_detects_a_target_code_fused_with_another_code():
     assert ablation._target_code_fused(document, shared)
 
 
-@pytest.mark.parametrize(("stop_at", "steps", "checks"), [(0.9, 2, 1), (1.01, 4, 2)])
-def test_finetune_comi_stops_once_validation_reaches_the_target(tmp_path, stop_at, steps, checks):
+FINETUNE_COMI = EXAMPLES / "default_model" / "finetune_comi.py"
+
+
+@pytest.mark.parametrize(("merge_sizes", "steps", "checks"), [(["4", "8"], 2, 1), (["8", "32"], 4, 2)])
+def test_finetune_comi_stops_once_validation_reaches_the_target(tmp_path, merge_sizes, steps, checks):
     """--stop_at ends the last stage at the first check where every merge size reaches it.
 
-    From the shipped model (validation exact match near 1 at merge 4 and 8) at a learning rate
-    too small to change it: 0.9 is reached at the first check, 1.01 never."""
+    From the shipped model at a learning rate too small to change it: 0.9 is reached at merge 4
+    and 8 at the first check, never at merge 32 (test exact match 0.377)."""
     command = [
-        sys.executable, str(EXAMPLES / "default_model" / "finetune_comi.py"),
-        "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path / "model"),
-        "--curriculum", "256", "--stage_steps", "4", "--merge_sizes", "4", "8", "--learning_rate", "1e-9",
-        "--eval_docs", "10", "--eval_every", "2", "--stop_at", str(stop_at),
+        sys.executable, str(FINETUNE_COMI), "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path / "model"),
+        "--curriculum", "256", "--stage_steps", "4", "--merge_sizes", *merge_sizes, "--learning_rate", "1e-9",
+        "--eval_docs", "10", "--eval_every", "2", "--stop_at", "0.9",
     ]  # fmt: skip
     _run(command, tmp_path)
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"steps: {steps} ([4] per length)" in card
     summary = next(line for line in card.splitlines() if "validation exact match during the last stage" in line)
-    assert summary.count("step ") == checks and f"stops at {stop_at} at every merge size" in summary
+    assert summary.count("step ") == checks and "stops at 0.9 at every merge size" in summary
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--eval_every", "100"], "give --stop_at too"),
+        (["--stop_at", "1.5"], "between 0 and 1, got 1.5"),
+        (["--stop_at", "0.9", "--eval_every", "0"], "positive number of steps, got 0"),
+    ],
+)
+def test_finetune_comi_refuses_a_stop_rule_it_cannot_apply(tmp_path, arguments, message):
+    command = [
+        sys.executable,
+        str(FINETUNE_COMI),
+        "--backbone",
+        DEFAULT_MODEL,
+        "--output_dir",
+        str(tmp_path),
+        *arguments,
+    ]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr

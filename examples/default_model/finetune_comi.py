@@ -237,9 +237,15 @@ def main(argv: list[str] | None = None) -> None:
         help="End the last stage early once validation exact match (first --eval_words) reaches this at every "
         "merge size; checked every --eval_every steps.",
     )
-    parser.add_argument("--eval_every", type=int, default=500, help="Steps between the checks of --stop_at.")
+    parser.add_argument("--eval_every", type=int, default=None, help="Steps between the checks of --stop_at.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.stop_at is None and args.eval_every is not None:
+        parser.error("--eval_every sets how often --stop_at is checked; give --stop_at too")
+    if args.stop_at is not None and not 0 <= args.stop_at <= 1:
+        parser.error(f"--stop_at is an exact match between 0 and 1, got {args.stop_at}")
+    if args.eval_every is not None and args.eval_every < 1:
+        parser.error(f"--eval_every must be a positive number of steps, got {args.eval_every}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     random.seed(args.seed)
@@ -283,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         callbacks = []
         if args.stop_at is not None and stage == len(args.curriculum) - 1:
             validation = validations[args.eval_words[0]]
-            stop = StopAtExactMatch(model, tokenizer, validation, args.merge_sizes, args.eval_every, args.stop_at)
+            stop = StopAtExactMatch(
+                model, tokenizer, validation, args.merge_sizes, args.eval_every or 500, args.stop_at
+            )
             callbacks.append(stop)
         train = synthetic_dataset(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
         trainer = Trainer(
