@@ -16,7 +16,8 @@ until it happens to. With the auxiliary loss the lookup is learnt within minutes
 is a plain COMI model; evaluation is greedy exact match.
 
 `--stop_at EM` ends the last stage once validation exact match reaches EM at every merge size
-(checked every `--eval_every` steps), so a round lasts as long as the run needs.
+(or at `--stop_merge_sizes`; checked every `--eval_every` steps), so a round lasts as long as
+the run needs.
 """
 
 from __future__ import annotations
@@ -165,9 +166,20 @@ class StopAtExactMatch(TrainerCallback):
     steps or stops short.
     """
 
-    def __init__(self, model, tokenizer, validation: Dataset, merge_sizes: list[int], every: int, target: float):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        validation: Dataset,
+        merge_sizes: list[int],
+        every: int,
+        target: float,
+        stop_merge_sizes: list[int] | None = None,
+    ):
         self.model, self.tokenizer, self.validation = model, tokenizer, validation
         self.merge_sizes, self.every, self.target = merge_sizes, every, target
+        # Every merge size is validated (and reported); only these decide the stop.
+        self.stop_merge_sizes = sorted(set(stop_merge_sizes or merge_sizes))
         self.history: list[dict] = []
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -179,7 +191,7 @@ class StopAtExactMatch(TrainerCallback):
             {"step": state.global_step, **{f"merge_{s['merge_size']}": s["exact_match"] for s in scores}}
         )
         logger.info("step %d, validation exact match: %s", state.global_step, self.history[-1])
-        if min(score["exact_match"] for score in scores) >= self.target:
+        if min(s["exact_match"] for s in scores if s["merge_size"] in self.stop_merge_sizes) >= self.target:
             control.should_training_stop = True
 
 
@@ -190,7 +202,12 @@ def _stop_summary(stop: StopAtExactMatch) -> str:
         )
         for entry in stop.history
     )
-    return f"{checks or 'no check'} (training stops at {stop.target} at every merge size)"
+    sizes = (
+        "every merge size"
+        if stop.stop_merge_sizes == sorted(set(stop.merge_sizes))
+        else "merge " + " and ".join(map(str, stop.stop_merge_sizes))
+    )
+    return f"{checks or 'no check'} (training stops at {stop.target} at {sizes})"
 
 
 def _lengths(text: str) -> list[int]:
@@ -238,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         "merge size; checked every --eval_every steps.",
     )
     parser.add_argument("--eval_every", type=int, default=None, help="Steps between the checks of --stop_at.")
+    parser.add_argument(
+        "--stop_merge_sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="The merge sizes --stop_at waits for (default: all of --merge_sizes; the others are still validated).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.stop_at is None and args.eval_every is not None:
@@ -246,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--stop_at is an exact match between 0 and 1, got {args.stop_at}")
     if args.eval_every is not None and args.eval_every < 1:
         parser.error(f"--eval_every must be a positive number of steps, got {args.eval_every}")
+    if args.stop_merge_sizes is not None:
+        if args.stop_at is None:
+            parser.error("--stop_merge_sizes says which merge sizes --stop_at waits for; give --stop_at too")
+        if not set(args.stop_merge_sizes) <= set(args.merge_sizes):
+            parser.error(f"--stop_merge_sizes {args.stop_merge_sizes} must be among --merge_sizes {args.merge_sizes}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
     random.seed(args.seed)
@@ -290,7 +319,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.stop_at is not None and stage == len(args.curriculum) - 1:
             validation = validations[args.eval_words[0]]
             stop = StopAtExactMatch(
-                model, tokenizer, validation, args.merge_sizes, args.eval_every or 500, args.stop_at
+                model,
+                tokenizer,
+                validation,
+                args.merge_sizes,
+                args.eval_every or 500,
+                args.stop_at,
+                args.stop_merge_sizes,
             )
             callbacks.append(stop)
         train = synthetic_dataset(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
