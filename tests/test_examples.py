@@ -199,7 +199,7 @@ def test_default_model_recipe_quick_mode(tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["learnable_merge_weights"] and config["alpha_merge"] == 2.0
     assert "documents of 64+128 words" in card and "(learnt)" in card
-    assert "steps: 2 ([4] per length)" in card and "stops at 0.0 at every merge size" in card
+    assert "steps: 2 ([4] per length)" in card and "stops at 0.0 at merge 4 and 8)" in card
     load = f"from comi_hf import COMIForConditionalGeneration as M; M.from_pretrained({str(output)!r})"
     loaded = subprocess.run(
         [sys.executable, "-c", load],
