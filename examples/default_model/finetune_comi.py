@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         help="End the last stage early once validation exact match (first --eval_words) reaches this at every "
         "merge size; checked every --eval_every steps.",
     )
-    parser.add_argument("--eval_every", type=int, default=None, help="Steps between the checks of --stop_at.")
+    parser.add_argument(
+        "--eval_every", type=int, default=None, help="Steps between the checks of --stop_at (default 500)."
+    )
     parser.add_argument(
         "--stop_merge_sizes",
         type=int,
