@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         from accelerate.utils import gather_object
 
         records = gather_object(records)
+    # The gather was the last collective: every process leaves the process group now. A process
+    # that exits with it still open can abort in gloo's teardown (SIGABRT, "terminate called
+    # without an active exception") while the main process is still writing the results.
+    state.destroy_process_group()
     if not state.is_main_process:
         return None
     records.sort(key=lambda record: record.pop("position"))

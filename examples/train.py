@@ -179,12 +179,17 @@ def main(argv: list[str] | None = None) -> None:
         # so it is left to a single process (load with `peft.PeftModel.from_pretrained`, then
         # `merge_and_unload()`), which this machine-independent script does not attempt here.
         trainer.save_model(training_args.output_dir)
+        trainer.accelerator.state.destroy_process_group()  # after the last collective; see below
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(training_args.output_dir)
             logger.warning(
                 "sharded training: saved the trainer's model (LoRA not merged) to %s", training_args.output_dir
             )
         return
+    # The barrier above was the last collective: every process leaves the process group now, so
+    # that none exits with it open (gloo's teardown can then abort the process with SIGABRT,
+    # "terminate called without an active exception") while process 0 saves and evaluates.
+    trainer.accelerator.state.destroy_process_group()
     if not trainer.is_world_process_zero():
         return
 
