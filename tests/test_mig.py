@@ -4,7 +4,7 @@ import pytest
 import torch
 from mig_reference import reference_group_sizes, reference_mig_compress
 
-from comi_hf import mig_compress
+from comi_hf import mig, mig_compress
 from comi_hf.memory_meter import PeakMemory
 
 SWITCHES = list(itertools.product([True, False], repeat=4))
@@ -48,6 +48,23 @@ def test_matches_loop_reference_for_every_switch(coarse, fine, coarse_redundancy
     switches = dict(coarse=coarse, fine=fine, coarse_redundancy=coarse_redundancy, fine_redundancy=fine_redundancy)
     weights = dict(alpha_select=1.7, beta_select=0.6, alpha_merge=2.5, beta_merge=1.3)
     _check_against_reference(states, query, mask, merge_size, atol=1e-12, **switches, **weights)
+
+
+@pytest.mark.parametrize("merge_size", [2, 4, 16])
+def test_a_small_scratch_budget_changes_nothing(monkeypatch, merge_size):
+    """Work cut into many chunks (2 tokens, 1 tile each) gives the reference's memory and the
+    gradients of the default budget, under which inputs this small run as one chunk."""
+    weights = dict(alpha_select=1.7, beta_select=0.6, alpha_merge=2.5, beta_merge=1.3)
+    states, query, mask = _padded_batch(seed=merge_size)
+    gradients = []
+    for budget in (mig._MIN_WORK_ELEMENTS, 64):
+        monkeypatch.setattr(mig, "_MIN_WORK_ELEMENTS", budget)
+        _check_against_reference(states, query, mask, merge_size, atol=1e-12, **weights)
+        leaf = states.clone().requires_grad_(True)
+        memory, _ = mig_compress(leaf, query, merge_size, mask, **weights)
+        memory.square().sum().backward()
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("shift", [0.0, -3.0, 3.0])
@@ -172,7 +189,10 @@ def _naive_padded_fusion(states, sizes):
     return padded.sum(1)
 
 
-def test_extra_memory_stays_below_the_input_size_when_one_group_holds_most_tokens():
+def test_extra_memory_stays_below_the_input_size_when_one_group_holds_most_tokens(monkeypatch):
+    # The scratch budget is an eighth of the input, but at least a few MiB so that small inputs
+    # run in few chunks; this input is below that floor, so the test lowers it to see the eighth.
+    monkeypatch.setattr(mig, "_MIN_WORK_ELEMENTS", 1 << 16)
     generator = torch.Generator().manual_seed(0)
     length, hidden, merge_size = 6000, 64, 16
     states = torch.randn(1, length, hidden, generator=generator)
@@ -195,8 +215,9 @@ def test_extra_memory_stays_below_the_input_size_when_one_group_holds_most_token
     assert ours.peak <= states.nbytes
 
 
-def test_memory_kept_for_backward_grows_linearly_with_a_skewed_allocation():
+def test_memory_kept_for_backward_grows_linearly_with_a_skewed_allocation(monkeypatch):
     """With autograd on, what is kept for backward must not grow with the squared group size."""
+    monkeypatch.setattr(mig, "_MIN_WORK_ELEMENTS", 1 << 16)  # as above: below the floor's input sizes
     ratios = []
     for length in (1500, 3000):
         generator = torch.Generator().manual_seed(0)
