@@ -13,6 +13,7 @@ model card; it loads with `AutoModel.from_pretrained(dir, trust_remote_code=True
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -174,27 +175,29 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.wait_for_everyone()
     deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
-    if trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
+    sharded = trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3)
+    if sharded:
         # Sharded parameters: `save_model` gathers them; the LoRA merge needs the full weights,
         # so it is left to a single process (load with `peft.PeftModel.from_pretrained`, then
         # `merge_and_unload()`), which this machine-independent script does not attempt here.
         trainer.save_model(training_args.output_dir)
-        trainer.accelerator.state.destroy_process_group()  # after the last collective; see below
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(training_args.output_dir)
-            logger.warning(
-                "sharded training: saved the trainer's model (LoRA not merged) to %s", training_args.output_dir
-            )
+    is_main_process = trainer.is_world_process_zero()
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    state = trainer.accelerator.state
+    # The collectives are over: every process leaves the process group now. One that exits with
+    # the group alive can abort or hang in its teardown (gloo's threads still release the last
+    # collective's tensors), and the trainer's DDP wrapper keeps the group alive: drop it first.
+    del trainer
+    gc.collect()
+    state.destroy_process_group()
+    if not is_main_process:
         return
-    # The barrier above was the last collective: every process leaves the process group now, so
-    # that none exits with it open (gloo's teardown can then abort the process with SIGABRT,
-    # "terminate called without an active exception") while process 0 saves and evaluates.
-    trainer.accelerator.state.destroy_process_group()
-    if not trainer.is_world_process_zero():
+    output_dir = Path(training_args.output_dir)
+    if sharded:
+        tokenizer.save_pretrained(output_dir)
+        logger.warning("sharded training: saved the trainer's model (LoRA not merged) to %s", output_dir)
         return
 
-    output_dir = Path(training_args.output_dir)
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     if model_args.keep_adapter and hasattr(trained, "peft_config"):
         trained.save_pretrained(output_dir / "adapter")
     final = finalize_trained_model(trained).eval()
