@@ -21,8 +21,8 @@ TRAIN, VALIDATION = EXAMPLES / "data" / "train.jsonl", EXAMPLES / "data" / "vali
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def _run(command, cwd, timeout=600):
-    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(command, cwd, timeout=600, env=None):
+    done = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -248,16 +248,24 @@ def test_ablation_detects_a_target_code_fused_with_another_code():
 FINETUNE_COMI = EXAMPLES / "default_model" / "finetune_comi.py"
 
 
+def _data_parallel(processes: int) -> list[str]:
+    """The command prefix that runs a script in `processes` one-thread processes (gloo), as
+    examples/train_default_model.sh does."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
 @pytest.mark.parametrize(
-    ("merge_sizes", "stop_merge_sizes", "steps", "checks", "rule"),
+    ("merge_sizes", "stop_merge_sizes", "processes", "steps", "checks", "rule"),
     [
-        (["4", "8"], [], 2, 1, "every merge size"),
-        (["8", "32"], [], 4, 2, "every merge size"),
-        (["4", "8", "32"], ["--stop_merge_sizes", "4", "8"], 2, 1, "merge 4 and 8"),
+        (["4", "8"], [], 1, 2, 1, "every merge size"),
+        (["8", "32"], [], 1, 4, 2, "every merge size"),
+        (["4", "8", "32"], ["--stop_merge_sizes", "4", "8"], 1, 2, 1, "merge 4 and 8"),
+        # Each process validates half of the documents; both must see all the scores to stop together.
+        (["4", "8", "32"], ["--stop_merge_sizes", "4", "8"], 2, 2, 1, "merge 4 and 8"),
     ],
 )
 def test_finetune_comi_stops_once_validation_reaches_the_target(
-    tmp_path, merge_sizes, stop_merge_sizes, steps, checks, rule
+    tmp_path, merge_sizes, stop_merge_sizes, processes, steps, checks, rule
 ):
     """--stop_at ends the last stage at the first check where every merge size (or those of
     --stop_merge_sizes) reaches it.
@@ -265,19 +273,34 @@ def test_finetune_comi_stops_once_validation_reaches_the_target(
     From the shipped model at a learning rate too small to change it, on these 10 validation
     documents: 0.75 is reached at merge 4 and 8 at the first check (0.8 and 1.0), never at
     merge 32 (0.5)."""
+    launch = [sys.executable] if processes == 1 else _data_parallel(processes)
     command = [
-        sys.executable, str(FINETUNE_COMI), "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path / "model"),
+        *launch, str(FINETUNE_COMI), "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path / "model"),
         "--curriculum", "256", "--stage_steps", "4", "--merge_sizes", *merge_sizes, "--learning_rate", "1e-9",
         "--eval_docs", "10", "--eval_every", "2", "--stop_at", "0.75", *stop_merge_sizes,
     ]  # fmt: skip
-    _run(command, tmp_path)
+    _run(command, tmp_path, env={"OMP_NUM_THREADS": "1"} if processes > 1 else {})
     card = (tmp_path / "model" / "README.md").read_text()
-    assert f"steps: {steps} ([4] per length)" in card
+    assert f"steps: {steps} ([4] per length)" in card and f"processes: {processes}" in card
     summary = next(line for line in card.splitlines() if "validation exact match during the last stage" in line)
     # Every merge size is validated at each check, whichever decide the stop.
     assert summary.count("step ") == checks
     assert summary.count("merge 32") == (checks if "32" in merge_sizes else 0)
     assert f"stops at 0.75 at {rule})" in summary
+    # The scores of the docstring, whether one process validated or each a share.
+    scores = {"4": "0.800", "8": "1.000", "32": "0.500"}
+    first_check = ", ".join(f"merge {size} {scores[size]}" for size in merge_sizes)
+    assert f"step 2: {first_check}" in summary
+
+
+def test_finetune_comi_refuses_a_batch_that_does_not_split_over_the_processes(tmp_path):
+    command = [
+        *_data_parallel(2), str(FINETUNE_COMI), "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path),
+        "--curriculum", "256", "--stage_steps", "2", "--context_tokens_per_batch", "768",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "a batch of 3 documents (768 context tokens of 256-word documents) does not split over 2" in done.stderr
 
 
 @pytest.mark.parametrize(
