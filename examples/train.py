@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         # `merge_and_unload()`), which this machine-independent script does not attempt here.
         trainer.save_model(training_args.output_dir)
     is_main_process = trainer.is_world_process_zero()
-    trained = trainer.accelerator.unwrap_model(trainer.model)
+    # Unwrapped only where it is saved: under FSDP the wrapped modules hold the process group.
+    trained = None if sharded or not is_main_process else trainer.accelerator.unwrap_model(trainer.model)
     state = trainer.accelerator.state
     # The collectives are over: every process leaves the process group now. One that exits with
     # the group alive can abort or hang in its teardown (gloo's threads still release the last

@@ -249,7 +249,7 @@ FINETUNE_COMI = EXAMPLES / "default_model" / "finetune_comi.py"
 
 
 def _data_parallel(processes: int) -> list[str]:
-    """The command prefix that runs a script in `processes` one-thread processes (gloo), as
+    """The command prefix that runs a script in `processes` processes (gloo), as
     examples/train_default_model.sh does."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
@@ -296,11 +296,12 @@ def test_finetune_comi_stops_once_validation_reaches_the_target(
 def test_finetune_comi_refuses_a_batch_that_does_not_split_over_the_processes(tmp_path):
     command = [
         *_data_parallel(2), str(FINETUNE_COMI), "--backbone", DEFAULT_MODEL, "--output_dir", str(tmp_path),
-        "--curriculum", "256", "--stage_steps", "2", "--context_tokens_per_batch", "768",
+        "--curriculum", "32", "256", "--stage_steps", "2", "2", "--context_tokens_per_batch", "768",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "a batch of 3 documents (768 context tokens of 256-word documents) does not split over 2" in done.stderr
+    assert "stage 0" not in done.stderr  # refused before the first stage (24 documents) trains
 
 
 @pytest.mark.parametrize(

@@ -213,6 +213,13 @@ def test_extra_memory_stays_below_the_input_size_when_one_group_holds_most_token
     # The meter sees the padded layout's cost, and ours stays within the input's size.
     assert naive.peak > 10 * states.nbytes
     assert ours.peak <= states.nbytes
+    # With the default floor this small input may use up to the floor's size (4 MiB), no more.
+    monkeypatch.undo()
+    with torch.no_grad():
+        default = PeakMemory()
+        with default:
+            mig_compress(states, query, merge_size, **weights)
+    assert states.nbytes < default.peak <= 1.1 * mig._MIN_WORK_ELEMENTS * states.element_size()
 
 
 def test_memory_kept_for_backward_grows_linearly_with_a_skewed_allocation(monkeypatch):

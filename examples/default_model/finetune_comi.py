@@ -303,6 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if state.is_main_process else logging.WARNING,
     )
+    # Every stage's batch must split evenly over the processes: checked before any training.
+    for words in args.curriculum:
+        batch_size = max(1, args.context_tokens_per_batch // max(words))
+        if batch_size % state.num_processes:
+            raise ValueError(
+                f"a batch of {batch_size} documents ({args.context_tokens_per_batch} context tokens of "
+                f"{max(words)}-word documents) does not split over {state.num_processes} processes; change "
+                "--context_tokens_per_batch or the number of processes"
+            )
     # The same seeds in every process: they draw the same merge size for each step.
     set_seed(args.seed)
     random.seed(args.seed)
@@ -331,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
             setattr(model.config, name, value)
         model.config.learnable_merge_weights = args.learnable_merge_weights
         model.compressor = COMIMIGCompressor(model.config)
+    config = model.config
+    every_parameter_used = not config.learnable_select_weights and (
+        not config.learnable_merge_weights or (config.fine_grained and config.fine_redundancy)
+    )
     # Greedy as in the official evaluation, but without its repetition penalty (1.3): half of the
     # codes repeat a digit, and a penalty on repeats would fight the right answer.
     model.generation_config.repetition_penalty = 1.0
@@ -343,12 +356,6 @@ def main(argv: list[str] | None = None) -> None:
     for stage, (words, stage_steps) in enumerate(zip(args.curriculum, args.stage_steps, strict=True)):
         training_model.merge_sizes = args.first_stage_merge_sizes if stage == 0 else args.merge_sizes
         batch_size = max(1, args.context_tokens_per_batch // max(words))
-        if batch_size % state.num_processes:
-            raise ValueError(
-                f"a batch of {batch_size} documents ({args.context_tokens_per_batch} context tokens of "
-                f"{max(words)}-word documents) does not split over {state.num_processes} processes; change "
-                "--context_tokens_per_batch or the number of processes"
-            )
         callbacks = []
         if args.stop_at is not None and stage == len(args.curriculum) - 1:
             validation = validations[args.eval_words[0]]
@@ -376,8 +383,11 @@ def main(argv: list[str] | None = None) -> None:
                 save_strategy="no",
                 remove_unused_columns=False,
                 use_cpu=True,
-                # Every parameter gets a gradient at every step (no search for unused ones).
-                ddp_find_unused_parameters=False,
+                # With the recipe's configs every parameter gets a gradient at every step, and
+                # DDP can skip its search for unused ones; learnt coarse-stage weights, or
+                # fine-stage weights of a model without the fine stage (or its redundancy
+                # term), get none.
+                ddp_find_unused_parameters=not every_parameter_used,
                 seed=args.seed + stage,
             ),
             train_dataset=train,
@@ -401,19 +411,21 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     model.eval()
     model.set_attn_implementation("sdpa")
+    output_dir = Path(args.output_dir)
+    if state.is_main_process:  # saved before the validation, which could fail
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
     evaluations = []
     for words, validation in validations.items():
         evaluations += validate(model, tokenizer, validation, args.merge_sizes)
         for evaluation in evaluations[-len(set(args.merge_sizes)) :]:
             logger.info("validation on %d-word documents: %s", words, evaluation)
     # The last collective was the validation's gather: every process leaves the process group now
-    # (one that exits with it alive can abort or hang in gloo's teardown), and the first one saves.
+    # (one that exits with it alive can abort or hang in gloo's teardown), and the first one writes
+    # the card.
     state.destroy_process_group()
     if not state.is_main_process:
         return
-    output_dir = Path(args.output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     # The card shows the highest merge size on the first validation length.
     card_evaluation = evaluations[len(set(args.merge_sizes)) - 1]
     write_model_card(
