@@ -18,8 +18,8 @@
 # step 13,000 and reached held-out exact match 0.937 / 0.946 / 0.786 / 0.456 at merge 4 / 8 /
 # 16 / 32 on 256-word documents. The shipped model is another run of the same recipe (0.966 /
 # 0.987 / 0.860 / 0.604; README: the runs' learning curves, and how the recipe was found).
-# QUICK=1 runs every step for a few iterations on a handful of documents (the
-# test suite does this); its model answers nonsense.
+# QUICK=1 runs every step for a few iterations on a handful of documents (the test suite does
+# this); its model answers nonsense.
 set -euo pipefail
 
 WORK=${1:?usage: bash examples/train_default_model.sh WORK_DIR [OUTPUT_DIR]}
@@ -27,6 +27,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTPUT=${2:-$HERE/../src/comi_hf/default_model}
 QUICK=${QUICK:-0}
 PROCESSES=${PROCESSES:-2}
+if ! [[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]]; then
+    echo "PROCESSES must be a positive number of processes, got '$PROCESSES'" >&2
+    exit 2
+fi
 THREADS=$(( $(nproc) / PROCESSES > 1 ? $(nproc) / PROCESSES : 1 ))  # torch threads per process in step 3
 mkdir -p "$WORK"
 START=$(date +%s)

@@ -210,6 +210,15 @@ def test_default_model_recipe_quick_mode(tmp_path):
     assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
+@pytest.mark.parametrize("processes", ["0", "two"])
+def test_default_model_recipe_refuses_a_bad_process_count(tmp_path, processes):
+    command = ["bash", str(EXAMPLES / "train_default_model.sh"), str(tmp_path / "work")]
+    done = subprocess.run(command, env=dict(ENV, PROCESSES=processes), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"PROCESSES must be a positive number of processes, got '{processes}'" in done.stderr
+    assert not (tmp_path / "work").exists()
+
+
 def test_ablation_quick_mode(tmp_path):
     _run([sys.executable, str(EXAMPLES / "ablation.py"), "--quick", "--output_dir", str(tmp_path)], tmp_path)
     result = json.loads((tmp_path / "ablation.json").read_text())
