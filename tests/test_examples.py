@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from comi_hf import DEFAULT_MODEL
+from comi_hf.data import tokenize_example
 from comi_hf.metrics import normalize_answer
-from comi_hf.synthetic import FactSpan, SyntheticDocument
+from comi_hf.synthetic import SPLIT_SEEDS, FactSpan, SyntheticDocument, make_document
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -311,6 +313,26 @@ def test_finetune_comi_refuses_a_batch_that_does_not_split_over_the_processes(tm
     assert done.returncode != 0
     assert "a batch of 3 documents (768 context tokens of 256-word documents) does not split over 2" in done.stderr
     assert "stage 0" not in done.stderr  # refused before the first stage (24 documents) trains
+
+
+def test_finetune_comi_builds_each_training_document_when_read():
+    """Item i of a stage is the train split's document first_index + i, lengths taking turns by
+    that index, tokenised as `tokenize_example` does, with its target code's start."""
+    spec = importlib.util.spec_from_file_location("finetune_comi", FINETUNE_COMI)
+    finetune_comi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune_comi)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    lengths = [32, 64, 128]
+    documents = finetune_comi.SyntheticDocuments(tokenizer, "train", 4, lengths, first_index=10**7)
+    assert len(documents) == 4
+    for position in range(4):
+        index = 10**7 + position  # 10**7 % 3 == 1: the turn follows the index, not the position
+        document = make_document(SPLIT_SEEDS["train"] + index, lengths[index % 3])
+        example = {"context": document.context, "question": document.question, "answers": [document.answer]}
+        target = next(fact for fact in document.facts if fact.is_target)
+        assert documents[position] == {**tokenize_example(example, tokenizer), "target_code_start": target.code_start}
+    with pytest.raises(IndexError, match="document 4 of 4"):
+        documents[4]
 
 
 @pytest.mark.parametrize(

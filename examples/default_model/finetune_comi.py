@@ -53,17 +53,35 @@ logger = logging.getLogger("comi_hf.default_model")
 NOTES = Path(__file__).resolve().parent / "model_card_notes.md"
 
 
-def synthetic_dataset(tokenizer, split: str, num_docs: int, words: list[int], first_index: int = 0) -> Dataset:
-    """Tokenised documents plus where the target code starts in the context (words = tokens).
+class SyntheticDocuments(torch.utils.data.Dataset):
+    """Training documents of the generator, tokenised when read, plus where the target code starts
+    in the context (words = tokens).
 
-    Document lengths take turns through `words`, so a stage can mix lengths."""
-    rows = []
-    for index in range(first_index, first_index + num_docs):
-        document = make_document(SPLIT_SEEDS[split] + index, words[index % len(words)])
+    Item `i` is the split's document `first_index + i`, of `words[(first_index + i) % len(words)]`
+    words, so a stage can mix lengths. Made when read rather than up front: under data
+    parallelism each process reads only its share, and training starts at once instead of after
+    every document of the stage is built (the recipe's round: 112,000 documents, 44 s here).
+    The same documents in the same order as building them up front: the weights come out
+    byte-identical."""
+
+    def __init__(self, tokenizer, split: str, num_docs: int, words: list[int], first_index: int = 0):
+        self.tokenizer = tokenizer
+        self.seed = SPLIT_SEEDS[split]
+        self.first_index = first_index
+        self.num_docs = num_docs
+        self.words = words
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, position: int) -> dict:
+        if not 0 <= position < self.num_docs:
+            raise IndexError(f"document {position} of {self.num_docs}")
+        index = self.first_index + position
+        document = make_document(self.seed + index, self.words[index % len(self.words)])
         example = {"context": document.context, "question": document.question, "answers": [document.answer]}
         target = next(fact for fact in document.facts if fact.is_target)
-        rows.append({**tokenize_example(example, tokenizer), "target_code_start": target.code_start})
-    return Dataset.from_list(rows)
+        return {**tokenize_example(example, self.tokenizer), "target_code_start": target.code_start}
 
 
 class TargetCollator(COMIDataCollator):
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.stop_merge_sizes,
             )
             callbacks.append(stop)
-        train = synthetic_dataset(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
+        train = SyntheticDocuments(tokenizer, "train", stage_steps * batch_size, words, first_index=stage * 10**7)
         trainer = Trainer(
             model=training_model,
             args=TrainingArguments(
