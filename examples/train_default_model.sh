@@ -13,11 +13,11 @@
 # share the cores. Here, with one thread each, the round runs at 14.4-14.9 steps/s against
 # 10.4-14.1 for one process of two threads (README).
 #
-# Wall time on this 2-core CPU, measured end to end from an empty directory: 34 minutes (backbone
-# 11.9 min, COMI 20.5 min, evaluation 1.1 min); that run stopped on validation 0.98 / 0.98 at
-# step 13,000 and reached held-out exact match 0.937 / 0.946 / 0.786 / 0.456 at merge 4 / 8 /
-# 16 / 32 on 256-word documents. The shipped model is another run of the same recipe (0.966 /
-# 0.987 / 0.860 / 0.604; README: the runs' learning curves, and how the recipe was found).
+# Wall time on this 2-core CPU, measured end to end from an empty directory: 30-33 minutes (two
+# runs: backbone 9.0-9.9 min, COMI 20.1-21.8, evaluation 1.1). Both wrote the shipped model, byte
+# for byte: the round stopped on validation 0.99 / 0.974 at step 12,000, and the model reaches
+# held-out exact match 0.960 / 0.974 / 0.845 / 0.622 at merge 4 / 8 / 16 / 32 on 256-word
+# documents (README: every run's learning curve, and how the recipe was found).
 # QUICK=1 runs every step for a few iterations on a handful of documents (the test suite does
 # this); its model answers nonsense.
 set -euo pipefail
