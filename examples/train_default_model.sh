@@ -43,8 +43,9 @@ if [ "$QUICK" = 1 ]; then
         --learning_rate 2e-3 --eval_words 64 128 --eval_docs 8 --stop_at 0 --eval_every 2 --stop_merge_sizes 4 8)
 else
     TEST_DOCS=1000 TEST_WORDS="256 1024" TEST_MERGES="4 8 16 32"
-    # Held-out EM at 256 words plateaus at 0.94-0.97 (128 documents a check) about 8.5 minutes in;
-    # waiting for 0.98 took 3.4 more minutes of the same plateau, until one lucky check (README).
+    # Held-out EM at 256 words plateaus at 0.94-0.97 (128 documents a check) from step 3,400 (8.5
+    # to 9.8 minutes here); waiting for 0.98 took 1,100 more steps of that plateau, until one lucky
+    # check (README).
     PRETRAIN=(--max_minutes 25 --threads 2 --stop_at 0.95)
     # The fine stage's relevance / redundancy weights are learnt from the start (alpha from 4:
     # with the fixed alpha = 1 its softmax is too flat to keep a near-duplicate's digits out of
@@ -53,7 +54,8 @@ else
     # Then one round on 256-word documents under one cosine schedule, merge 8 drawn twice as often
     # as 4 and 16 (without 16 the round left merge 16 and 32 at 0.58 and 0.05; README), ended by
     # validation exact match 0.97 at merge 4 and 8 (checked every 1,000 steps on 500 documents: on
-    # 200 a run stopped at 0.98 / 0.98 that scored 0.964 / 0.962 on 1,000; README) or after 14,000 steps.
+    # 200 a run stopped at 0.98 / 0.98 that scored 0.964 / 0.962 on 1,000; README) or after 14,000
+    # steps.
     ROUND=(--curriculum 256 --stage_steps 14000 --merge_sizes 4 8 8 16 --first_stage_merge_sizes 4 8 8 16
         --learning_rate 1.5e-3 --stop_at 0.97 --eval_every 1000 --stop_merge_sizes 4 8 --eval_docs 500)
 fi
