@@ -43,9 +43,9 @@ if [ "$QUICK" = 1 ]; then
         --learning_rate 2e-3 --eval_words 64 128 --eval_docs 8 --stop_at 0 --eval_every 2 --stop_merge_sizes 4 8)
 else
     TEST_DOCS=1000 TEST_WORDS="256 1024" TEST_MERGES="4 8 16 32"
-    # Held-out EM at 256 words plateaus at 0.94-0.97 (128 documents a check) from step 3,400 (8.5
-    # to 9.8 minutes here); waiting for 0.98 took 1,100 more steps of that plateau, until one lucky
-    # check (README).
+    # Held-out EM at 256 words plateaus at 0.94-0.97, with dips to 0.74-0.88 (128 documents a
+    # check), from step 3,400 (8.5 to 9.8 minutes here); waiting for 0.98 took 1,100 more steps
+    # of that plateau, until one lucky check (README).
     PRETRAIN=(--max_minutes 25 --threads 2 --stop_at 0.95)
     # The fine stage's relevance / redundancy weights are learnt from the start (alpha from 4:
     # with the fixed alpha = 1 its softmax is too flat to keep a near-duplicate's digits out of
