@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import tiny_comi
@@ -83,6 +85,29 @@ def test_batches_keep_input_order(pipe):
         assert result == pipe(item, max_new_tokens=5)
 
 
+def test_several_sequences_per_input_stay_with_their_input(pipe):
+    inputs = [{"context": CONTEXT[: 60 + 40 * i], "question": QUESTIONS[i]} for i in range(3)]
+    options = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 4}
+    alone = [pipe(item, **options) for item in inputs]
+    for result in alone:
+        assert isinstance(result, list) and len(result) == 2
+        assert all(set(entry) == {"answer", "context_tokens", "memory_tokens", "compression_ratio"} for entry in result)
+    assert pipe(inputs, batch_size=3, **options) == alone
+    several = pipe(context=CONTEXT, questions=QUESTIONS[:3], **options)
+    assert [len(answers) for answers in several["answers"]] == [2, 2, 2]
+    for question, answers in zip(QUESTIONS[:3], several["answers"], strict=True):
+        assert answers == [entry["answer"] for entry in pipe(context=CONTEXT, question=question, **options)]
+
+
+def test_batching_needs_no_pad_token(tokenizer):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    pipe = pipeline(PIPELINE_TASK, model=tiny_comi(), tokenizer=no_pad)
+    inputs = [{"context": CONTEXT[: 50 + 30 * i], "question": QUESTIONS[i]} for i in range(3)]
+    assert pipe(inputs, batch_size=3, max_new_tokens=4) == [pipe(item, max_new_tokens=4) for item in inputs]
+
+
 def test_merge_size_per_call(pipe):
     fine = pipe(context=CONTEXT, question=QUESTIONS[0], merge_size=2, max_new_tokens=2)
     coarse = pipe(context=CONTEXT, question=QUESTIONS[0], merge_size=16, max_new_tokens=2)
@@ -138,6 +163,7 @@ def test_return_compression_describes_every_token(pipe):
         (lambda p: p(question="a"), ValueError, "Give a `context`"),
         (lambda p: p(context="text", question="a", merge_size=0), ValueError, "merge_size"),
         (lambda p: p([{"context": "t", "questions": ["a"]}], batch_size=2), ValueError, "one at a time"),
+        (lambda p: p([]), ValueError, "empty list of inputs"),
     ],
 )
 def test_bad_input_is_named(pipe, call, error, message):

@@ -10,8 +10,10 @@ import os
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 __all__ = ["PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry", "encode_texts"]
 
@@ -31,6 +33,10 @@ class COMIQuestionAnsweringPipeline(Pipeline):
     Options: `merge_size` (the compression ratio for this call), `return_compression=True`
     (per memory vector, the span of context tokens it fused and their weights), and any
     generation argument (`max_new_tokens`, `do_sample`, `num_beams`, ...).
+
+    With `num_return_sequences=k > 1`, every answer comes as k, best first, in the shape of
+    transformers' text-generation pipeline: a question gives a list of k result dicts, and
+    `questions=[...]` gives `"answers"` as one list of k strings per question.
     """
 
     _load_processor = False
@@ -49,6 +55,8 @@ class COMIQuestionAnsweringPipeline(Pipeline):
                 inputs["questions"] = questions
         elif context is not None or question is not None or questions is not None:
             raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
+        if isinstance(inputs, (list, tuple)) and not inputs:
+            raise ValueError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
         if isinstance(inputs, (list, tuple)) and (kwargs.get("batch_size") or self._batch_size or 1) > 1:
             if any(isinstance(item, dict) and "questions" in item for item in inputs):
                 raise ValueError(
@@ -56,6 +64,23 @@ class COMIQuestionAnsweringPipeline(Pipeline):
                     "(or give one `question` per item to batch them)."
                 )
         return super().__call__(inputs, **kwargs)
+
+    def get_iterator(
+        self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
+    ):
+        """transformers' iterator, with a collator that pads with id 0 under the masks.
+
+        The default collator pads with the tokenizer's pad token and refuses tokenizers that
+        have none (Llama, Mistral); COMI masks padding everywhere, so no pad token is needed.
+        """
+        if batch_size == 1:
+            return super().get_iterator(
+                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
+            )
+        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=_pad_right)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
     def _sanitize_parameters(
         self,
@@ -138,8 +163,11 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         )
         if not isinstance(generated, torch.Tensor):
             generated = generated.sequences
+        # `num_return_sequences` answers per query, query-major: (queries, k, new tokens), so that
+        # unbatching hands each input its own k answers.
+        num_queries = query_ids.shape[0]
         outputs = {
-            "generated": generated,
+            "generated": generated.view(num_queries, generated.shape[0] // num_queries, generated.shape[1]),
             "memory_tokens": memory_mask.sum(1),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -151,9 +179,13 @@ class COMIQuestionAnsweringPipeline(Pipeline):
             outputs["token_weight"] = details[0].token_weight
         return outputs
 
-    def postprocess(self, model_outputs: dict, return_compression: bool = False) -> dict:
-        generated = model_outputs["generated"]
-        answers = [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    def postprocess(self, model_outputs: dict, return_compression: bool = False) -> dict | list[dict]:
+        generated = model_outputs["generated"]  # (queries, k, new tokens)
+        num_queries, per_query = generated.shape[:2]
+        texts = [
+            text.strip() for text in self.tokenizer.batch_decode(generated.flatten(0, 1), skip_special_tokens=True)
+        ]
+        answers = [texts[row * per_query : (row + 1) * per_query] for row in range(num_queries)]
         context_ids = model_outputs["input_ids"][0][model_outputs["attention_mask"][0].bool()].tolist()
         context_tokens = len(context_ids)
         memory_tokens = [int(count) for count in model_outputs["memory_tokens"]]
@@ -172,7 +204,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
                 )
         if model_outputs.get("several_questions", False):
             result = {
-                "answers": answers,
+                "answers": [sequences[0] if per_query == 1 else sequences for sequences in answers],
                 "context_tokens": context_tokens,
                 "memory_tokens": memory_tokens,
                 "compression_ratio": ratios,
@@ -180,15 +212,27 @@ class COMIQuestionAnsweringPipeline(Pipeline):
             if return_compression:
                 result["compressions"] = compressions
             return result
-        result = {
-            "answer": answers[0],
-            "context_tokens": context_tokens,
-            "memory_tokens": memory_tokens[0],
-            "compression_ratio": ratios[0],
-        }
-        if return_compression:
-            result["compression"] = compressions[0]
-        return result
+        results = []
+        for answer in answers[0]:
+            result = {
+                "answer": answer,
+                "context_tokens": context_tokens,
+                "memory_tokens": memory_tokens[0],
+                "compression_ratio": ratios[0],
+            }
+            if return_compression:
+                result["compression"] = compressions[0]
+            results.append(result)
+        return results[0] if per_query == 1 else results
+
+
+def _pad_right(items: list[dict]) -> dict:
+    """Batch preprocessed inputs: each `(1, len)` tensor right-padded with 0 to the longest."""
+    batch = {}
+    for key in items[0]:
+        width = max(item[key].shape[1] for item in items)
+        batch[key] = torch.cat([torch.nn.functional.pad(item[key], (0, width - item[key].shape[1])) for item in items])
+    return batch
 
 
 def encode_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
