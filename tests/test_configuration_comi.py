@@ -59,9 +59,18 @@ def test_backbone_config_as_a_dict():
         ({"segment_size": 0}, "segment_size"),
         ({"merge_sizes": []}, "merge_sizes"),
         ({"merge_sizes": [4, 0]}, "merge_sizes"),
+        ({"alpha_select": float("nan")}, "alpha_select"),
+        ({"beta_merge": float("inf")}, "beta_merge"),
+        ({"alpha_merge": -float("inf")}, "alpha_merge"),
     ],
 )
 def test_invalid_values_are_refused_by_name(overrides, message):
     settings = {"text_config": backbone_config("qwen2"), "encoder_layers": 2, **overrides}
     with pytest.raises(StrictDataclassError, match=message):
         COMIConfig(**settings)
+
+
+def test_non_finite_mig_weights_are_refused_on_assignment_too():
+    config = COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2)
+    with pytest.raises(StrictDataclassError, match="(?s)beta_select.*finite number"):
+        config.beta_select = float("nan")

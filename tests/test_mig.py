@@ -173,6 +173,30 @@ def test_bad_inputs_are_named(args, message):
         mig_compress(*args)
 
 
+@pytest.mark.parametrize(
+    "switches", [{}, {"coarse_redundancy": False}, {"coarse": False}, {"fine": False}, {"fine_redundancy": False}]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_states_or_queries_are_named_by_row(switches, value):
+    states, query, mask = _padded_batch()
+    bad_states = states.clone()
+    bad_states[1, 5, 3] = value
+    with pytest.raises(mig.NonFiniteInputError, match=r"`hidden_states` at real tokens of row\(s\) \[1\]") as caught:
+        mig_compress(bad_states, query, 8, mask, **switches)
+    assert caught.value.rows == [1]
+    bad_query = query.clone()
+    bad_query[3, 0] = value
+    with pytest.raises(mig.NonFiniteInputError, match=r"`query` in row\(s\) \[3\]"):
+        mig_compress(states, bad_query, 8, mask, **switches)
+    # Padding is never read: whatever it holds changes nothing.
+    padded = states.clone()
+    padded[1, 50, 0] = value
+    for got, expected in zip(
+        mig_compress(padded, query, 8, mask, **switches), mig_compress(states, query, 8, mask, **switches), strict=True
+    ):
+        assert torch.equal(got, expected)
+
+
 def test_integer_states_are_refused():
     with pytest.raises(TypeError, match="floating-point"):
         mig_compress(torch.ones(1, 5, 4, dtype=torch.long), torch.randn(1, 4), 2)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import EOS_ID, FAMILIES, backbone_config, random_batch, sample, tiny_comi
+from conftest import EOS_ID, FAMILIES, VOCAB_SIZE, backbone_config, random_batch, sample, tiny_comi
 from mig_reference import reference_mig_compress
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -609,3 +609,50 @@ def test_empty_batches_and_malformed_labels_are_named():
     for labels in (torch.tensor([4, 5]), torch.tensor([[4.0, 5.0]]), [[4, 5]], torch.tensor([[4], [5]])):
         with pytest.raises(ValueError, match="`labels` must be a"):
             model(ids, None, query, None, labels=labels)
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+    model = tiny_comi()
+    ids, query = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])
+    vocab = model.config.text_config.vocab_size
+    for call, name in (
+        (lambda: model.generate(ids.clone().fill_(vocab), None, query, None), "input_ids"),
+        (lambda: model.generate(ids, None, torch.tensor([[9, -3]]), None), "query_ids"),
+        (lambda: model(ids, None, query, None, labels=torch.tensor([[4, vocab + 7]])), "labels"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}` holds token ids outside the model's vocabulary of {vocab}"):
+            call()
+
+
+def test_non_finite_encoder_states_name_the_query(monkeypatch):
+    model = tiny_comi()
+    batch = random_batch()  # three contexts of one segment each: encoder row i is sample i
+    encode_rows = model._encode_rows
+
+    def overflowing(*args, **kwargs):
+        # The second context's hidden states overflow, as a half-precision encoder's can.
+        hidden, key_values = encode_rows(*args, **kwargs)
+        hidden[1, 2] = float("inf")
+        return hidden, key_values
+
+    monkeypatch.setattr(model, "_encode_rows", overflowing)
+    with pytest.raises(ValueError, match=r"hold NaN or inf for query\(s\) \[1\]"):
+        model.generate(*batch, max_new_tokens=2)
+
+
+def test_more_positions_than_the_decoder_has_are_warned_once(caplog):
+    model = tiny_comi(backbone={"max_position_embeddings": 40})
+    ids = torch.randint(2, VOCAB_SIZE, (1, 120))
+    query = torch.randint(2, VOCAB_SIZE, (1, 5))
+    with caplog.at_level("WARNING"):
+        model.generate(ids, None, query, None, max_new_tokens=3, merge_size=4)  # 30 memory + 5 query + 3 new
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        model.generate(ids, None, query, None, max_new_tokens=6, merge_size=4)
+        model.generate(ids, None, query, None, max_new_tokens=6, merge_size=4)
+    warned = [record.getMessage() for record in caplog.records if "max_position_embeddings" in record.getMessage()]
+    assert warned == [
+        "The decoder reads 41 positions (memory vectors and query, and up to 6 new tokens), more than its "
+        "max_position_embeddings (40): its answers past that length are unreliable. Compress more (a larger "
+        "merge_size) or truncate the context."
+    ]

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 __all__ = ["COMIConfig"]
+
+
+@as_validated_field
+def finite(value: float) -> None:
+    """A MIG weight: a NaN or infinite one makes every score NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Value must be a finite number, got {value!r}.")
 
 
 @strict(accept_kwargs=True)
@@ -68,10 +76,10 @@ class COMIConfig(PreTrainedConfig):
     fine_grained: bool = True
     coarse_redundancy: bool = True
     fine_redundancy: bool = True
-    alpha_select: float = 1.0
-    beta_select: float = 1.0
-    alpha_merge: float = 1.0
-    beta_merge: float = 1.0
+    alpha_select: float = finite(default=1.0)
+    beta_select: float = finite(default=1.0)
+    alpha_merge: float = finite(default=1.0)
+    beta_merge: float = finite(default=1.0)
     learnable_select_weights: bool = False
     learnable_merge_weights: bool = False
     tie_word_embeddings: bool = False

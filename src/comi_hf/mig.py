@@ -27,7 +27,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIGDetails", "mig_compress"]
+__all__ = ["MIGDetails", "NonFiniteInputError", "mig_compress"]
+
+
+class NonFiniteInputError(ValueError):
+    """NaN or inf in the hidden states (at real tokens) or the query vectors of some rows.
+
+    Attributes:
+        rows: the indices of those rows, in order.
+    """
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
 
 
 @dataclass
@@ -131,6 +143,10 @@ def mig_compress(
     query_unit = query.to(compute_dtype)
     query_unit = query_unit / torch.linalg.vector_norm(query_unit, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
     inv_norm, relevance = _norms_and_relevance(flat_states, unit_index, token_row, query_unit, work_elements)
+    # A NaN or inf in a token's state or its row's query makes its relevance NaN: one reduction
+    # checks everything (later stages would otherwise fail on indices or return NaN memory).
+    if not bool(torch.isfinite(relevance).all()):
+        raise _non_finite_error(hidden_states, query, token_row, relevance)
 
     if coarse:
         group_sizes = _reallocated_group_sizes(
@@ -221,6 +237,21 @@ def _check_inputs(
             f"`attention_mask` must be a ({batch_size}, {seq_len}) tensor to match `hidden_states`, "
             f"got {_describe(attention_mask)}."
         )
+
+
+def _non_finite_error(
+    hidden_states: torch.Tensor, query: torch.Tensor, token_row: torch.Tensor, relevance: torch.Tensor
+) -> NonFiniteInputError:
+    rows = token_row[~torch.isfinite(relevance)].unique().tolist()
+    bad_query = (~torch.isfinite(query).all(dim=-1)).nonzero().flatten().tolist()
+    where = [f"`query` in row(s) {[row for row in rows if row in bad_query]}"] if set(rows) & set(bad_query) else []
+    if set(rows) - set(bad_query):
+        where.append(f"`hidden_states` at real tokens of row(s) {[row for row in rows if row not in bad_query]}")
+    return NonFiniteInputError(
+        f"NaN or inf in {' and '.join(where)} ({hidden_states.dtype}); a half-precision encoder that overflows "
+        "gives such states.",
+        rows,
+    )
 
 
 def _describe(value: object) -> str:

@@ -28,7 +28,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .configuration_comi import COMIConfig
-from .mig import MIGDetails, mig_compress
+from .mig import MIGDetails, NonFiniteInputError, mig_compress
 from .pipeline_comi import custom_pipelines_entry, encode_texts
 
 __all__ = [
@@ -39,6 +39,8 @@ __all__ = [
     "COMIPreTrainedModel",
     "official_generation_config",
 ]
+
+logger = hf_logging.get_logger(__name__)
 
 # Where a plain decoder-only checkpoint's weights go inside COMI (they fill the decoder;
 # the encoder and the LSA block are then copied from it).
@@ -384,7 +386,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         merge_size = self._resolve_merge_size(merge_size)
         if query_ids is None:
             raise ValueError("COMI compresses a context against a query: `query_ids` is missing.")
-        query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         _require_non_empty(query_mask, "query")
         if context_encoding is None:
             if input_ids is None:
@@ -418,9 +420,17 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         query_weights = query_rows_mask.to(torch.promote_types(query_hidden.dtype, torch.float32))
         query_vector = torch.einsum("rt,rtd->rd", query_weights, query_hidden.to(query_weights.dtype))
         query_vector = query_vector / query_weights.sum(1, keepdim=True)
-        memory, memory_mask, *details = self.compressor(
-            context_hidden, query_vector, segment_mask, merge_size, return_details=return_details
-        )
+        try:
+            memory, memory_mask, *details = self.compressor(
+                context_hidden, query_vector, segment_mask, merge_size, return_details=return_details
+            )
+        except NonFiniteInputError as error:
+            queries = sorted({int(row_query[row]) for row in error.rows})
+            raise NonFiniteInputError(
+                f"The encoder's hidden states hold NaN or inf for query(s) {queries} (encoder in "
+                f"{context_hidden.dtype}; in half precision it can overflow: try float32 or bfloat16).",
+                queries,
+            ) from error
         memory = self._align(memory, memory_mask)
         sample_memory, sample_mask = _rows_to_samples(memory, memory_mask, row_query, num_queries)
         sample_memory = sample_memory.to(self.get_input_embeddings().weight.dtype)
@@ -433,9 +443,13 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         )
 
     def _context_rows(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> COMIContextEncoding:
-        context_mask = _real_token_mask(input_ids, attention_mask, "input_ids", "attention_mask")
+        context_mask = self._real_tokens(input_ids, attention_mask, "input_ids", "attention_mask")
         _require_non_empty(context_mask, "context")
         return _segment_contexts(input_ids, context_mask, self.config.segment_size)
+
+    def _real_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str) -> torch.Tensor:
+        vocab_size = self.get_input_embeddings().num_embeddings
+        return _real_token_mask(ids, mask, ids_name, mask_name, vocab_size)
 
     def _encode_rows(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int, use_cache: bool = False
@@ -576,7 +590,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         else:
             memory, memory_mask = _check_memory(memory, query_ids.shape[0])
         embed = self.get_input_embeddings()
-        query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         parts = [(memory, memory_mask), (embed(query_ids.masked_fill(~query_mask, 0)), query_mask)]
         label_parts = [
             (torch.full(memory_mask.shape, -100, device=memory.device), memory_mask),
@@ -594,10 +608,12 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                     f"got {_describe(labels)}."
                 )
             answer_mask = labels != -100
+            _check_vocabulary(labels[answer_mask], "labels", embed.num_embeddings)
             parts.append((embed(labels.masked_fill(~answer_mask, 0)), answer_mask))
             label_parts.append((labels, answer_mask))
         inputs_embeds, decoder_mask = _pack(parts, left_pad=False)
         decoder_labels = _pack(label_parts, left_pad=False, fill=-100)[0] if labels is not None else None
+        self._warn_past_positions(inputs_embeds.shape[1])
 
         outputs = self.decoder(
             inputs_embeds=inputs_embeds,
@@ -683,7 +699,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             )
         else:
             memory, memory_mask = _check_memory(memory, query_ids.shape[0])
-        query_mask = _real_token_mask(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
         inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
 
@@ -694,6 +710,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         )
         generation_config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
         generate_kwargs = generation_config.update(**kwargs)
+        new_tokens = generation_config.max_new_tokens
+        if new_tokens is None:
+            new_tokens = max(generation_config.max_length - inputs_embeds.shape[1], 0)
+        self._warn_past_positions(inputs_embeds.shape[1], new_tokens)
         processors = LogitsProcessorList(logits_processor or [])
         penalty = generation_config.repetition_penalty
         # `generate` skips each sample's left-padding length of the token history when it
@@ -711,6 +731,21 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             logits_processor=processors,
             **generate_kwargs,
+        )
+
+    def _warn_past_positions(self, decoder_len: int, new_tokens: int = 0) -> None:
+        """Warn (once per model) when the decoder reads more positions than it was trained for."""
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if limit is None or decoder_len + new_tokens <= limit or getattr(self, "_warned_past_positions", False):
+            return
+        self._warned_past_positions = True
+        logger.warning(
+            "The decoder reads %d positions (memory vectors and query%s), more than its max_position_embeddings "
+            "(%d): its answers past that length are unreliable. Compress more (a larger merge_size) or truncate "
+            "the context.",
+            decoder_len + new_tokens,
+            f", and up to {new_tokens} new tokens" if new_tokens else "",
+            limit,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -758,18 +793,35 @@ def _check_backbone_loading(path: str | os.PathLike, loading_info: dict) -> None
         raise ValueError(f"{path} does not match its own config as a decoder-only backbone: {problems}")
 
 
-def _real_token_mask(ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str) -> torch.Tensor:
+def _real_token_mask(
+    ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str, vocab_size: int
+) -> torch.Tensor:
+    """The `(batch, len)` bool mask of real tokens, with `ids` checked: a batch of token ids
+    below `vocab_size` wherever the mask is set (padding may hold any id)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"`{ids_name}` must be a (batch, length) tensor of token ids, got {_describe(ids)}.")
     if ids.shape[0] == 0:
         raise ValueError(f"`{ids_name}` is an empty batch.")
     if mask is None:
-        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    elif not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         raise ValueError(
             f"`{mask_name}` must have the shape of `{ids_name}` {tuple(ids.shape)}, got {_describe(mask)}."
         )
-    return mask.to(ids.device) != 0
+    else:
+        real = mask.to(ids.device) != 0
+    _check_vocabulary(ids[real], ids_name, vocab_size)
+    return real
+
+
+def _check_vocabulary(ids: torch.Tensor, name: str, vocab_size: int) -> None:
+    outside = (ids < 0) | (ids >= vocab_size)
+    if bool(outside.any()):
+        examples = ids[outside].unique()[:5].tolist()
+        raise ValueError(
+            f"`{name}` holds token ids outside the model's vocabulary of {vocab_size} (e.g. {examples}); "
+            "were they made with another tokenizer?"
+        )
 
 
 def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
