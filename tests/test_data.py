@@ -49,6 +49,16 @@ def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
     assert "bad.jsonl" in str(error.value)
 
 
+def test_encodings(tmp_path):
+    good = {"input": "café du nord", "prompt": "q", "answer": "a"}
+    text = json.dumps(good, ensure_ascii=False) + "\n" + json.dumps(good, ensure_ascii=False) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert list(load_comi_jsonl(tmp_path / "bom.jsonl")["context"]) == ["café du nord"] * 2
+    (tmp_path / "latin1.jsonl").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl, line 1: not UTF-8 text \(byte 14 cannot be decoded\)"):
+        load_comi_jsonl(tmp_path / "latin1.jsonl")
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="No such data file"):
         load_comi_jsonl(tmp_path / "none.jsonl")

@@ -21,11 +21,16 @@ class MalformedDataError(ValueError):
 
 
 def _rows(path: Path):
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}, line {line_number}"
+            try:
+                # A byte-order mark may open the file (some editors write one).
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise MalformedDataError(f"{where}: not UTF-8 text (byte {error.start} cannot be decoded)") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
