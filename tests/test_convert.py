@@ -57,6 +57,18 @@ def backbone_dir(tmp_path_factory, tokenizer):
     return directory
 
 
+def _with_extra_encoder_layer(state: dict) -> dict:
+    """The state with the encoder's last layer copied one layer deeper."""
+    last = max(int(key.split(".")[3]) for key in state if key.startswith("encoder.model.layers."))
+    prefix = f"encoder.model.layers.{last}."
+    extra = {
+        f"encoder.model.layers.{last + 1}." + key[len(prefix) :]: v.clone()
+        for key, v in state.items()
+        if key.startswith(prefix)
+    }
+    return {**state, **extra}
+
+
 def _reference(backbone_dir, **config):
     torch.manual_seed(3)
     settings = {"encoder_layers": 3, "num_mem_fusion_layers": 1, **config}
@@ -121,6 +133,27 @@ def test_checkpoint_without_lsa_layers():
     assert any("identity" in reason for key, reason in dropped if key.startswith("semantic_alignment_layer"))
 
 
+def test_checkpoint_without_lsa_layers_converts_end_to_end(backbone_dir, tmp_path):
+    reference = _reference(backbone_dir, num_mem_fusion_layers=0)
+    state, deltas = official_state_dict(reference, lsa=False)
+    save_file(state, tmp_path / "model.safetensors")
+    output = tmp_path / "converted"
+    args = [str(tmp_path / "model.safetensors"), "--backbone", str(backbone_dir), "--output-dir", str(output)]
+    assert main([*args, "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--merge-size", "4"]) == 0
+    converted = COMIForConditionalGeneration.from_pretrained(output).eval()
+    assert converted.config.num_mem_fusion_layers == 0
+    hidden_size = reference.config.text_config.hidden_size
+    # The official code passes the memory through unchanged at LSA depth 0: the map is the identity.
+    assert torch.equal(converted.lsa.weight, torch.eye(hidden_size)) and not converted.lsa.bias.any()
+    for key, delta in deltas.items():
+        reference.state_dict()[key].add_(delta)
+    for name in ("alpha_select", "beta_select", "alpha_merge", "beta_merge"):
+        setattr(reference.config, name, getattr(converted.config, name))
+    reference.compressor.read_config(reference.config)
+    batch = random_batch()
+    assert torch.equal(converted.generate(*batch, merge_size=4), reference.generate(*batch, merge_size=4))
+
+
 def _run_cli(args, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run(["comi-convert", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -154,6 +187,30 @@ def test_mismatches_are_refused_with_the_offending_keys(backbone_dir, tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     done = _run_cli([str(tmp_path / "model.safetensors"), *base[:-4], "--lora-r", "8", "--lora-alpha", "8"], tmp_path)
     assert done.returncode == 2 and "rank 4, but --lora-r is 8" in done.stderr
+
+    for name, value in (("alpha_select", float("nan")), ("beta_merge", float("inf"))):
+        save_file(dict(state, **{name: torch.tensor(value)}), tmp_path / "nonfinite.safetensors")
+        done = _run_cli([str(tmp_path / "nonfinite.safetensors"), *base], tmp_path)
+        assert done.returncode == 2 and f"`{name}` is {value}: MIG needs finite weights" in done.stderr
+
+    deeper = _reference(None, encoder_layers=4)
+    deeper_state, _ = official_state_dict(deeper)
+    save_file(_with_extra_encoder_layer(deeper_state), tmp_path / "deep.safetensors")
+    done = _run_cli([str(tmp_path / "deep.safetensors"), *base], tmp_path)
+    assert done.returncode == 2 and "encoder has 5 layers, more than the 4" in done.stderr
+
+    save_file(state, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    done = _run_cli([str(tmp_path / "truncated.safetensors"), *base], tmp_path)
+    assert done.returncode == 2 and "truncated, or not a safetensors file" in done.stderr
+
+    for done in (
+        _run_cli([str(tmp_path / "model.safetensors"), *base[:-2], "--lora-alpha", "nan"], tmp_path),
+        _run_cli([str(tmp_path / "model.safetensors"), *base[:-4], "--lora-r", "0", "--lora-alpha", "8"], tmp_path),
+    ):
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("comi-convert: error: --lora-")
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     done = _run_cli([str(tmp_path / "pytorch_model.bin"), *base], tmp_path)

@@ -4,104 +4,52 @@
     comi-qa --model PATH_OR_ID --context-file doc.txt --question "..."
     comi-qa --model PATH_OR_ID --context-file - --questions-file questions.txt --json < doc.txt
 
-Answers (or JSON lines with `--json`) go to stdout, progress to stderr. Bad input ends with a
-one-line error and exit status 2.
+The arguments are parsed in `comi_hf_cli` (so that `--help` answers without importing torch);
+this module reads the inputs, loads the model and answers. Answers (or JSON lines with
+`--json`) go to stdout, progress to stderr. Bad input ends with a one-line error and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+import torch
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from .loading import UsageError, check_device, load_comi, read_text
 
-
-class UsageError(Exception):
-    """A problem with the user's input, reported in one line."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="comi-qa", description="Answer questions about a long document with a COMI model."
-    )
-    parser.add_argument(
-        "--model",
-        help="COMI model directory or Hub id (default: the tiny model shipped with comi_hf, which answers "
-        "questions about comi-synth documents only).",
-    )
-    parser.add_argument("--context-file", required=True, help="The document, as UTF-8 text; '-' reads stdin.")
-    questions = parser.add_mutually_exclusive_group(required=True)
-    questions.add_argument("--question", help="One question.")
-    questions.add_argument("--questions-file", help="Questions, one a line; the document is encoded once.")
-    parser.add_argument("--json", action="store_true", help="Print one JSON object per question.")
-    parser.add_argument("--explain", metavar="PAGE.html", help="Write an HTML page showing the compression.")
-    parser.add_argument("--merge-size", type=int, help="Tokens per memory vector (default: the model's).")
-    parser.add_argument("--max-new-tokens", type=int, help="Longest answer, in tokens (default: the model's, 20).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Questions answered together (default 16).")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu).")
-    parser.add_argument("--dtype", choices=_DTYPES, default="auto", help="Weights' dtype (default: as saved).")
-    return parser
+__all__ = ["main", "run"]
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
-    if args.context_file == "-":
-        context = sys.stdin.read()
-    else:
-        path = Path(args.context_file)
-        if not path.is_file():
-            raise UsageError(f"no such context file: {path}")
-        context = path.read_text(encoding="utf-8")
+    context = read_text(args.context_file, "context file")
     if not context.strip():
         raise UsageError("the context is empty")
     if args.question is not None:
         questions = [args.question]
     else:
-        path = Path(args.questions_file)
-        if not path.is_file():
-            raise UsageError(f"no such questions file: {path}")
-        questions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text(args.questions_file, "questions file")
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
         if not questions:
-            raise UsageError(f"no questions in {path}")
+            raise UsageError(f"no questions in {args.questions_file}")
     if any(not question.strip() for question in questions):
         raise UsageError("the question is empty")
-    for name in ("merge_size", "max_new_tokens", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return context, questions
 
 
 def _load_pipeline(args: argparse.Namespace):
-    import torch
-    from transformers import AutoTokenizer, pipeline
+    from transformers import pipeline
 
-    from .modeling_comi import COMIForConditionalGeneration
     from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK
 
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-    if args.model.startswith(("/", "./", "../", "~")) and not Path(args.model).expanduser().is_dir():
-        raise UsageError(f"no such model directory: {args.model}")
+    device = check_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {args.device!r}") from error
-    try:
-        model = COMIForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load a COMI model from {args.model}: {_first_line(error)}") from error
+    model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
     return pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device=device)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _answer(args: argparse.Namespace, pipe, context: str, questions: list[str]) -> list[dict]:
@@ -134,8 +82,23 @@ def _answer(args: argparse.Namespace, pipe, context: str, questions: list[str]) 
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _print_results(args: argparse.Namespace, results: list[dict]) -> None:
+    try:
+        for result in results:
+            if args.json:
+                print(json.dumps({key: value for key, value in result.items() if key != "compression"}))
+            else:
+                print(result["answer"])
+        sys.stdout.flush()
+    except OSError as error:
+        # The interpreter flushes stdout again at exit and would report the same failure with a
+        # traceback; point the descriptor at /dev/null so that it has nothing left to fail on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise UsageError(f"cannot write the answers to stdout: {error.strerror or error}") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    """`comi-qa` with parsed arguments (see `comi_hf_cli.qa_parser`); returns the exit status."""
     try:
         context, questions = _read_inputs(args)
         pipe = _load_pipeline(args)
@@ -153,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.explain).write_text(page, encoding="utf-8")
             except OSError as error:
                 raise UsageError(f"cannot write {args.explain}: {error.strerror}") from error
+        _print_results(args, results)
     except UsageError as error:
         print(f"comi-qa: error: {error}", file=sys.stderr)
         return 2
-    for result in results:
-        if args.json:
-            print(json.dumps({key: value for key, value in result.items() if key != "compression"}))
-        else:
-            print(result["answer"])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from comi_hf_cli import comi_qa
+
+    return comi_qa(argv)
 
 
 if __name__ == "__main__":

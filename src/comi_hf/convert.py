@@ -12,11 +12,13 @@ Every key is either used or dropped for a stated reason; anything else stops the
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 __all__ = ["convert_official_state_dict", "main"]
@@ -69,6 +71,8 @@ def convert_official_state_dict(
     for key, value in state.items():
         if key in _SCALARS:
             scalars[key] = float(value.float().item())
+            if not math.isfinite(scalars[key]):
+                raise CheckpointMismatch(f"the checkpoint's `{key}` is {scalars[key]}: MIG needs finite weights")
         elif key == "encoder.lm_head.weight":
             dropped.append((key, "the encoder's LM head is never used (COMI reads its hidden states)"))
         elif key.startswith("encoder.model."):
@@ -118,25 +122,24 @@ def convert_official_state_dict(
     return converted, scalars, depths, dropped
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comi-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="model.safetensors written by the official training code (or its folder).")
-    parser.add_argument("--backbone", required=True, help="The backbone the checkpoint was trained from.")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--lora-r", type=int, required=True, help="The training run's LoRA rank.")
-    parser.add_argument("--lora-alpha", type=float, required=True, help="The training run's LoRA alpha.")
-    parser.add_argument("--merge-size", type=int, default=16)
-    parser.add_argument("--segment-size", type=int, default=10000)
-    return parser
+def run(args: argparse.Namespace) -> int:
+    """`comi-convert` with parsed arguments (see `comi_hf_cli.convert_parser`); returns the exit status."""
+    from .loading import UsageError, first_line
+
+    try:
+        return _convert(args)
+    except UsageError as error:
+        message = str(error)
+    except (ValueError, OSError, SafetensorError) as error:
+        message = first_line(error)
+    print(f"comi-convert: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return _convert(args)
-    except (CheckpointMismatch, ValueError, OSError) as error:
-        print(f"comi-convert: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    from comi_hf_cli import comi_convert
+
+    return comi_convert(argv)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -152,8 +155,18 @@ def _convert(args: argparse.Namespace) -> int:
         raise OSError(f"no such checkpoint: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only safetensors checkpoints are read (pickled files can run code).")
-    state, scalars, depths, dropped = convert_official_state_dict(load_file(path), args.lora_r, args.lora_alpha)
+    try:
+        official = load_file(path)
+    except SafetensorError as error:
+        raise CheckpointMismatch(f"cannot read {path} (truncated, or not a safetensors file): {error}") from None
+    state, scalars, depths, dropped = convert_official_state_dict(official, args.lora_r, args.lora_alpha)
     backbone = AutoConfig.from_pretrained(args.backbone)
+    for depth, what in (("encoder_layers", "encoder"), ("num_mem_fusion_layers", "LSA block")):
+        if depths[depth] > backbone.num_hidden_layers:
+            raise CheckpointMismatch(
+                f"the checkpoint's {what} has {depths[depth]} layers, more than the {backbone.num_hidden_layers} of "
+                f"{args.backbone}: it was trained from another backbone"
+            )
     config = COMIConfig(
         text_config=backbone,
         merge_size=args.merge_size,
@@ -162,6 +175,12 @@ def _convert(args: argparse.Namespace) -> int:
         **scalars,
     )
     dtype = next(iter(state.values())).dtype
+    if depths["num_mem_fusion_layers"] == 0:
+        # Without LSA layers the official code hands the memory to the decoder unchanged: COMI's
+        # alignment map is then the identity.
+        hidden_size = backbone.hidden_size
+        state["lsa.weight"] = torch.eye(hidden_size, dtype=dtype)
+        state["lsa.bias"] = torch.zeros(hidden_size, dtype=dtype)
     model = COMIForConditionalGeneration._from_config(config, dtype=dtype)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -143,23 +143,19 @@ def make_split(split: str, num_docs: int, words: int = 256, repeats: int = 3) ->
     return [make_document(SPLIT_SEEDS[split] + index, words, repeats) for index in range(num_docs)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="comi-synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=sorted(SPLIT_SEEDS), required=True)
-    parser.add_argument("--num-docs", type=int, required=True)
-    parser.add_argument("--words", type=int, default=256, help="Document length in words (= tokens), 16 or more.")
-    parser.add_argument("--repeats", type=int, default=3, help="Most repetitions of a distractor fact.")
-    parser.add_argument("--output", required=True, help="JSONL file to write ('-' for stdout).")
-    args = parser.parse_args(argv)
-    if args.num_docs < 1 or args.words < 16 or args.repeats < 1:
-        print("comi-synth: error: --num-docs and --repeats must be >= 1, --words >= 16", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """`comi-synth` with parsed arguments (see `comi_hf_cli.synth_parser`); returns the exit status."""
     documents = make_split(args.split, args.num_docs, args.words, args.repeats)
     lines = "".join(json.dumps(document.record()) + "\n" for document in documents)
-    if args.output == "-":
-        sys.stdout.write(lines)
-    else:
-        Path(args.output).write_text(lines, encoding="utf-8")
+    try:
+        if args.output == "-":
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+        else:
+            Path(args.output).write_text(lines, encoding="utf-8")
+    except OSError as error:
+        print(f"comi-synth: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 2
     pick_any = sum(1 / document.codes_in_document for document in documents) / len(documents)
     print(
         f"{len(documents)} {args.split} documents of ~{args.words} words; exact-match chance level 1/10000 = "
@@ -167,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from comi_hf_cli import comi_synth
+
+    return comi_synth(argv)
 
 
 if __name__ == "__main__":

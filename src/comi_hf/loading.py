@@ -1,0 +1,127 @@
+"""What the command-line tools share: reading text files, checking a device, loading a model.
+
+Each turns the ways these go wrong (a missing or binary file, a closed stdin, a device this
+machine lacks, a directory that is not COMI, a truncated weights file, a Hub that cannot be
+reached) into one [`UsageError`] whose message names the problem, for a one-line report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["UsageError", "check_device", "first_line", "load_comi", "read_text"]
+
+# A Hub repository id: `name` or `namespace/name` (huggingface_hub's rule, without its length checks).
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped), or stdin for `-`."""
+    try:
+        if path == "-":
+            if sys.stdin is None:
+                raise UsageError(f"stdin is closed: there is no {what} to read")
+            data = sys.stdin.buffer.read()
+            path = "stdin"
+        else:
+            if not Path(path).is_file():
+                raise UsageError(f"no such {what}: {path}")
+            data = Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read the {what} {path}: {error.strerror or error}") from error
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"the {what} {path} is not UTF-8 text (byte {error.start} cannot be decoded)") from error
+
+
+def check_device(name: str) -> torch.device:
+    """The device called `name`, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"unknown device {name!r}") from error
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as error:  # torch asserts when built without CUDA
+        raise UsageError(f"device {name!r} is not available here: {first_line(error)}") from error
+    return device
+
+
+def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "auto", **kwargs):
+    """A COMI model and its tokenizer from a directory or a Hub id, or a [`UsageError`].
+
+    Weights are read from safetensors only (pickled files can run code). A Hub id is first looked
+    up in the local cache when the Hub cannot be reached, instead of retrying for a minute.
+    """
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    from .configuration_comi import COMIConfig
+    from .modeling_comi import COMIForConditionalGeneration
+
+    name = str(name_or_path)
+    hub_options = {}
+    if not Path(name).is_dir():
+        if not _REPO_ID.match(name) or name.startswith((".", "~")):
+            raise UsageError(f"no such model directory: {name}")
+        if _offline() or not _hub_reachable():
+            hub_options["local_files_only"] = True
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings are not ours to print
+    try:
+        try:
+            config, _ = PreTrainedConfig.get_config_dict(name, **hub_options)
+        except Exception as error:
+            if hub_options.get("local_files_only"):
+                raise UsageError(
+                    f"{name} is not a local directory, and is not in the local Hub cache "
+                    f"({'HF_HUB_OFFLINE is set' if _offline() else 'the Hub cannot be reached'})"
+                ) from error
+            raise UsageError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+        model_type = config.get("model_type")
+        if model_type != COMIConfig.model_type:
+            raise UsageError(
+                f"{name} is {'a ' + model_type if model_type else 'not a'} model, not a COMI model "
+                "(build one from a backbone with COMIForConditionalGeneration.from_backbone)"
+            )
+        try:
+            model = COMIForConditionalGeneration.from_pretrained(
+                name, dtype=dtype, use_safetensors=True, **hub_options, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(name, **hub_options)
+        except Exception as error:  # whatever the files are (truncated, pickled, mismatched): one line
+            raise UsageError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+    finally:
+        hub_logger.setLevel(level)
+    return model, tokenizer
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:
+        return False
+    return True
