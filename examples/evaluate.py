@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import load_comi_jsonl
-from comi_hf.evaluation import answer_dataset, summarize
+from comi_hf.evaluation import answer_dataset, summarize, write_metrics
 
 logger = logging.getLogger("comi_hf.evaluate")
 
@@ -41,19 +42,38 @@ class EvaluationArguments:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
 
 
+def fail(message: str) -> None:
+    """End the run with one line naming the problem."""
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_arguments(args: EvaluationArguments) -> None:
+    for name in ("merge_size", "per_device_eval_batch_size", "num_samples", "max_context_tokens", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1, got {value}")
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype}")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_arguments(args)
+    try:
+        dataset = load_comi_jsonl(args.test_file)
+    except (OSError, ValueError) as error:
+        fail(str(error))
     # On a machine without GPUs, processes started by `accelerate launch` share the work over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
-    dataset = load_comi_jsonl(args.test_file)
     if args.num_samples is not None:
         dataset = dataset.select(range(min(args.num_samples, len(dataset))))
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = COMIForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=dtype).to(state.device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    merge_size = args.merge_size or model.config.merge_size
+    merge_size = model.config.merge_size if args.merge_size is None else args.merge_size
     options = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
 
     # Each process answers a contiguous share; shares are gathered back in input order.
@@ -88,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     metrics = summarize(records, merge_size)
-    (output_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics(output_dir / "eval_metrics.json", metrics)
     logger.info("metrics: %s", metrics)
     print(json.dumps(metrics))
     return metrics

@@ -14,7 +14,6 @@ model card; it loads with `AutoModel.from_pretrained(dir, trust_remote_code=True
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,11 +21,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainerState, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example
-from comi_hf.evaluation import answer_dataset, summarize
+from comi_hf.evaluation import answer_dataset, summarize, write_metrics
 from comi_hf.model_card import write_model_card
 from comi_hf.training import DEFAULT_LORA_TARGETS, finalize_trained_model, prepare_for_training
 
@@ -81,6 +82,13 @@ class COMITrainingArguments(TrainingArguments):
     # The collator needs every column it built. (`report_to` already defaults to "none".)
     remove_unused_columns: bool = field(default=False)
 
+    def __post_init__(self):
+        super().__post_init__()
+        # Pinned memory only speeds up copies to an accelerator; without one torch warns that
+        # it does nothing.
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
+
 
 COMI_FIELDS = (
     "encoder_layers",
@@ -126,14 +134,74 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype | None) -> tuple[C
     return model, base
 
 
-def tokenized(path: str, tokenizer, max_context_tokens: int | None):
-    dataset = load_comi_jsonl(path)
-    return dataset, dataset.map(
+def fail(message: str) -> None:
+    """End the run with one line naming the problem (every process prints it)."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `True` for the latest in `output_dir`
+    (as transformers' own example scripts read it)."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() == "false":
+        return None
+    if resume_from_checkpoint.lower() == "true":
+        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if latest is None:
+            fail(f"--resume_from_checkpoint True: no checkpoint-* folder in {output_dir}")
+        return latest
+    if not Path(resume_from_checkpoint).is_dir():
+        fail(f"--resume_from_checkpoint: no such checkpoint folder {resume_from_checkpoint}")
+    return resume_from_checkpoint
+
+
+def load_data(data_args: DataArguments) -> tuple:
+    """The raw train and validation sets, validated before any model is loaded."""
+    if data_args.max_context_tokens is not None and data_args.max_context_tokens < 1:
+        fail(f"--max_context_tokens must be at least 1, got {data_args.max_context_tokens}")
+    try:
+        train_raw = load_comi_jsonl(data_args.train_file)
+        eval_raw = load_comi_jsonl(data_args.validation_file) if data_args.validation_file else None
+    except (OSError, ValueError) as error:
+        fail(str(error))
+    return train_raw, eval_raw
+
+
+def tokenized(dataset, tokenizer, max_context_tokens: int | None, name: str):
+    return dataset.map(
         tokenize_example,
         fn_kwargs={"tokenizer": tokenizer, "max_context_tokens": max_context_tokens},
         remove_columns=dataset.column_names,
-        desc=f"Tokenising {Path(path).name}",
+        desc=f"Tokenising {name}",
     )
+
+
+def train(trainer: Trainer, checkpoint: str | None, max_steps: int) -> TrainOutput:
+    """`trainer.train`, except from a checkpoint that already holds every step: its weights are
+    loaded and nothing runs (transformers would run one step past `max_steps`)."""
+    if checkpoint is not None and max_steps > 0:
+        state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+        if state.global_step >= max_steps:
+            logger.info("%s already ran all %d steps: loading it, nothing left to train", checkpoint, max_steps)
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = state
+            return TrainOutput(state.global_step, float("nan"), {})
+    return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def mean_logged_loss(log_history: list[dict]) -> float | None:
+    """The training loss averaged over every step of the run, resumed runs included.
+
+    `Trainer.train` reports the mean over the steps of its own call only; the log history comes
+    back with a resumed checkpoint, and each entry averages the steps since the previous one.
+    """
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,15 +211,23 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_raw, eval_raw = load_data(data_args)
     set_seed(training_args.seed)
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
     model, base_model = load_model(model_args, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    train_raw, train_dataset = tokenized(data_args.train_file, tokenizer, data_args.max_context_tokens)
-    eval_raw = eval_dataset = None
-    if data_args.validation_file:
-        eval_raw, eval_dataset = tokenized(data_args.validation_file, tokenizer, data_args.max_context_tokens)
+    train_dataset = tokenized(train_raw, tokenizer, data_args.max_context_tokens, Path(data_args.train_file).name)
+    eval_dataset = None
+    if eval_raw is not None:
+        eval_dataset = tokenized(
+            eval_raw, tokenizer, data_args.max_context_tokens, Path(data_args.validation_file).name
+        )
+    if training_args.ddp_find_unused_parameters is None:
+        # Every trained parameter gets a gradient at every step, except learnable coarse-stage
+        # weights (the coarse stage only decides integer sizes): DDP's search is only needed then.
+        training_args.ddp_find_unused_parameters = bool(model.config.learnable_select_weights)
 
     trainable = prepare_for_training(
         model,
@@ -172,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         data_collator=COMIDataCollator(),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = train(trainer, checkpoint, training_args.max_steps)
+    log_history = trainer.state.log_history
     trainer.accelerator.wait_for_everyone()
     deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
     sharded = trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3)
@@ -215,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             max_context_tokens=data_args.max_context_tokens,
         )
         evaluation = summarize(records, final.config.merge_size)
-        (output_dir / "eval_metrics.json").write_text(json.dumps(evaluation, indent=2))
+        write_metrics(output_dir / "eval_metrics.json", evaluation)
         logger.info("validation: %s", evaluation)
     summary = {
         "processes": training_args.world_size,
@@ -223,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         * training_args.world_size
         * training_args.gradient_accumulation_steps,
         "steps": result.global_step,
-        "final training loss": f"{result.training_loss:.4f}",
+        "mean training loss": _format_loss(mean_logged_loss(log_history)),
         "learning rate": training_args.learning_rate,
         "parts trained": f"encoder {model_args.train_encoder}, LSA {model_args.train_lsa}, "
         f"decoder {model_args.train_decoder}"
@@ -241,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         notes=model_args.model_card_notes,
     )
     logger.info("saved the COMI model to %s", output_dir)
+
+
+def _format_loss(loss: float | None) -> str:
+    return "not logged" if loss is None else f"{loss:.4f}"
 
 
 if __name__ == "__main__":

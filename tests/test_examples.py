@@ -23,6 +23,14 @@ TRAIN, VALIDATION = EXAMPLES / "data" / "train.jsonl", EXAMPLES / "data" / "vali
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
+def _load_example(name, path=None):
+    """An example script as a module (it is no package's: loaded from its file)."""
+    spec = importlib.util.spec_from_file_location(name, path or EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run(command, cwd, timeout=600, env=None):
     done = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -80,24 +88,81 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(backbone, tmp_path)
     _run([sys.executable, "-c", check], tmp_path)
 
 
-def test_resume_from_checkpoint(backbone, tmp_path):
-    output = tmp_path / "comi"
-    _run([sys.executable, *_train_args(backbone, output, "--max_steps", "4", "--save_steps", "2")], tmp_path)
-    shutil.rmtree(output / "checkpoint-4")
-    resumed = _run(
+def _card_loss(directory):
+    return next(line for line in (directory / "README.md").read_text().splitlines() if "mean training loss" in line)
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(backbone, tmp_path):
+    args = ["--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2"]
+    whole = _run([sys.executable, *_train_args(backbone, tmp_path / "whole", *args)], tmp_path)
+    assert "pin_memory" not in whole.stderr  # no accelerator here: pinning is off, and torch does not warn
+    weights = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
+    # `True` resumes from the latest checkpoint, as in transformers' own scripts.
+    done = _run(
         [
             sys.executable,
-            *_train_args(backbone, output, "--max_steps", "4", "--save_steps", "2"),
+            *_train_args(backbone, resumed, *args),
             "--resume_from_checkpoint",
-            str(output / "checkpoint-2"),
+            "True",
             "--log_level",
             "info",
         ],
         tmp_path,
     )
-    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert "Resuming training from checkpoint with epoch 0 and global step 2" in resumed.stderr + resumed.stdout
+    assert "Resuming training from checkpoint with epoch 0 and global step 2" in done.stderr + done.stdout
+    assert (resumed / "model.safetensors").read_bytes() == weights
+    assert _card_loss(resumed) == _card_loss(tmp_path / "whole")  # the mean over all 6 steps, not the last 4
+    # Resuming from the last checkpoint (a run killed before its final save) trains nothing more.
+    (resumed / "model.safetensors").unlink()
+    _run([sys.executable, *_train_args(backbone, resumed, *args), "--resume_from_checkpoint", "True"], tmp_path)
+    assert sorted(path.name for path in resumed.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert (resumed / "model.safetensors").read_bytes() == weights
+    assert _card_loss(resumed) == _card_loss(tmp_path / "whole")
+
+
+@pytest.mark.parametrize(
+    "script,arguments,message",
+    [
+        ("train.py", ["--resume_from_checkpoint", "True"], "no checkpoint-* folder in"),
+        ("train.py", ["--train_file", "LATIN1"], "line 1: not UTF-8 text"),
+        ("train.py", ["--validation_file", "MISSING"], "No such data file"),
+        ("evaluate.py", ["--merge_size", "0"], "--merge_size must be at least 1, got 0"),
+        ("evaluate.py", ["--test_file", "LATIN1"], "line 1: not UTF-8 text"),
+        ("evaluate.py", ["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1"),
+    ],
+)
+def test_bad_arguments_and_data_end_in_one_line_before_any_model_loads(tmp_path, script, arguments, message):
+    (tmp_path / "latin1.jsonl").write_bytes('{"input": "café", "prompt": "q", "answer": "a"}\n'.encode("latin-1"))
+    replace = {"LATIN1": str(tmp_path / "latin1.jsonl"), "MISSING": str(tmp_path / "none.jsonl")}
+    arguments = [replace.get(argument, argument) for argument in arguments]
+    if script == "train.py":
+        base = ["--model_name_or_path", "no-model-needed", "--train_file", str(TRAIN), "--output_dir", str(tmp_path)]
+    else:
+        base = [
+            "--model_name_or_path",
+            "no-model-needed",
+            "--test_file",
+            str(VALIDATION),
+            "--output_dir",
+            str(tmp_path),
+        ]
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *base, *arguments],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and errors[0].startswith(f"{script}: error: ") and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_two_processes_under_accelerate(backbone, tmp_path):
@@ -108,7 +173,8 @@ def test_two_processes_under_accelerate(backbone, tmp_path):
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     train = _train_args(backbone, output, "--max_steps", "3", "--save_strategy", "no", "--use_cpu")
-    _run([*launch, *train], tmp_path)
+    done = _run([*launch, *train], tmp_path)
+    assert "find_unused_parameters" not in done.stderr  # every trained parameter gets a gradient
     assert "- processes: 2" in (output / "README.md").read_text()
     assert "- effective batch size: 16" in (output / "README.md").read_text()
     check = f"from transformers import AutoModel; AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True)"
@@ -168,8 +234,11 @@ def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
          "--merge_size", "2"],
         tmp_path,
     )  # fmt: skip
-    metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    metrics_text = (tmp_path / "eval" / "eval_metrics.json").read_text()
+    assert metrics_text.endswith("}\n")
+    metrics = json.loads(metrics_text)
     assert metrics["num_samples"] == 6 and metrics["merge_size"] == 2
+    assert metrics["compression_ratio"] == round(metrics["compression_ratio"], 4)
     results = [json.loads(line) for line in (tmp_path / "eval" / "eval_results.jsonl").open()]
     assert metrics["exact_match"] == pytest.approx(sum(expected_em) / 6)
     assert metrics["f1"] == pytest.approx(sum(expected_f1) / 6)
@@ -231,7 +300,19 @@ def test_ablation_quick_mode(tmp_path):
     ratios = {(e["variant"], e["merge_size"]): e["compression_ratio"] for e in result["entries"] if e["seed"] == 0}
     # Every token its own vector: exactly 1x, whatever the coarse stage would have done.
     assert ratios[("uncompressed", 8)] == 1.0 and 6 < ratios[("full MIG", 8)] < 10
-    assert abs(ratios[("truncation", 8)] - ratios[("full MIG", 8)]) < 1.0  # the same budget
+    # The same budget: ceil(n / m) vectors per document, which the coarse stage may only undercut.
+    ablation = _load_example("ablation")
+    for seed in (0, 1):
+        docs = ablation.documents(64, seed, 8)
+        for merge in (4, 8):
+            budget = sum(ablation.memory_budget(len(doc.context.split()), merge) for doc in docs) / len(docs)
+            vectors = {
+                e["variant"]: e["memory_vectors"]
+                for e in result["entries"]
+                if e["seed"] == seed and e["merge_size"] == merge
+            }
+            assert vectors["truncation"] == vectors["no coarse stage"] == pytest.approx(budget, abs=1e-3)
+            assert all(vectors[variant] <= budget + 1e-3 for variant in vectors if variant != "uncompressed")
     for entry in result["entries"]:
         if entry["variant"] in ("truncation", "uncompressed"):
             assert "fused" not in entry
@@ -243,9 +324,7 @@ def test_ablation_quick_mode(tmp_path):
 
 
 def test_ablation_detects_a_target_code_fused_with_another_code():
-    spec = importlib.util.spec_from_file_location("ablation", EXAMPLES / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = _load_example("ablation")
     # Two facts: the target's code at tokens 3-6, a distractor's at tokens 13-16.
     document = SyntheticDocument("", "", "", 2, [FactSpan(0, 3, True), FactSpan(10, 13, False)])
     apart = torch.arange(20) // 5  # memory vectors 0-3, five tokens each: codes in 0-1 and 2-3
@@ -318,9 +397,7 @@ def test_finetune_comi_refuses_a_batch_that_does_not_split_over_the_processes(tm
 def test_finetune_comi_builds_each_training_document_when_read():
     """Item i of a stage is the train split's document first_index + i, lengths taking turns by
     that index, tokenised as `tokenize_example` does, with its target code's start."""
-    spec = importlib.util.spec_from_file_location("finetune_comi", FINETUNE_COMI)
-    finetune_comi = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune_comi)
+    finetune_comi = _load_example("finetune_comi", FINETUNE_COMI)
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     lengths = [32, 64, 128]
     documents = finetune_comi.SyntheticDocuments(tokenizer, "train", 4, lengths, first_index=10**7)

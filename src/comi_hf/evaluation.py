@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -11,7 +13,7 @@ from tqdm.auto import tqdm
 from .data import COMIDataCollator, truncate_context
 from .metrics import best_exact_match, best_f1
 
-__all__ = ["answer_dataset", "summarize"]
+__all__ = ["answer_dataset", "summarize", "write_metrics"]
 
 
 def answer_dataset(
@@ -86,5 +88,12 @@ def summarize(records: Iterable[dict], merge_size: int) -> dict:
         "f1": sum(record["f1"] for record in records) / count,
         "num_samples": count,
         "merge_size": merge_size,
-        "compression_ratio": sum(record["context_tokens"] / record["memory_tokens"] for record in records) / count,
+        "compression_ratio": round(
+            sum(record["context_tokens"] / record["memory_tokens"] for record in records) / count, 4
+        ),
     }
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """`metrics` as indented JSON, one final newline."""
+    Path(path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
