@@ -8,12 +8,13 @@ Qwen3-4B in depth and vocabulary but tiny in width (`common.qwen3_shaped_model`)
 * COMI: `model.generate(input_ids=context, query_ids=query, merge_size=m)` (encoder over
   `[segment ; query]`, MIG compression, LSA, decoder over `[memory ; query]`).
 
-Prefill is the time to the first new token (`max_new_tokens=1`); decode is the time per further
-token, `(t(N) - t(1)) / (N - 1)`. COMI's prefill is split into its parts by replaying the exact
-calls that one `compress` makes to the encoder, the compressor (MIG) and the LSA. Peak extra
-memory is what torch allocates during one answer, beyond the weights (CUDA: the allocator's
-peak; CPU: `comi_hf.memory_meter.PeakMemory`). Every figure is the median of several runs after
-a warm-up, and the ratios are taken within one run.
+Prefill is the time to the first new token and decode the time per further token, both read in
+the same `generate` call from a streamer that stamps each new token as it arrives. COMI's
+prefill is split into its parts by replaying the exact calls that one `compress` makes to the
+encoder, the compressor (MIG) and the LSA. Peak extra memory is what torch allocates during one
+answer, beyond the weights (CUDA: the allocator's peak; CPU: `comi_hf.memory_meter.PeakMemory`).
+Every figure is the median of several runs after a warm-up, and the ratios are taken within one
+run.
 
     python bench/end_to_end.py                 # 2K, 8K and 16K tokens; merge 4, 8, 16, 32
     python bench/end_to_end.py --context-tokens 32768 --merge-sizes 32
@@ -24,6 +25,8 @@ a warm-up, and the ratios are taken within one run.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from common import (
@@ -37,6 +40,7 @@ from common import (
     synchronize,
     write_json,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from comi_hf.memory_meter import PeakMemory
 
@@ -54,16 +58,42 @@ def peak_extra_bytes(function, device: str) -> int:
     return meter.peak
 
 
+class TokenClock(BaseStreamer):
+    """Stamps the time of every `put` (`generate` puts each new token as soon as it is chosen)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def latency(generate, new_tokens: int, args) -> dict:
-    """Prefill, per-token decode and total time of `generate(max_new_tokens=...)`, and its memory."""
-    first = generate(1)
-    answer = generate(new_tokens)
-    assert first.shape[-1] == 1 and answer.shape[-1] == new_tokens, "EOS must not stop the benchmark early"
-    prefill = median_seconds(lambda: generate(1), args.repeats, args.device)
-    total = median_seconds(lambda: generate(new_tokens), args.repeats, args.device)
+    """Prefill, per-token decode and total time of `generate(max_new_tokens=...)`, and its memory.
+
+    Each run is one `generate` call: prefill is the time to its first new token, decode the time
+    from there to its last one per token, so neither can come out negative (as a difference of two
+    runs' medians can on a noisy machine).
+    """
+    answer = generate(new_tokens)  # warm-up
+    assert answer.shape[-1] == new_tokens, "EOS must not stop the benchmark early"
+    runs = []
+    for _ in range(args.repeats):
+        clock = TokenClock()
+        synchronize(args.device)
+        start = time.perf_counter()
+        generate(new_tokens, streamer=clock)
+        synchronize(args.device)
+        end = time.perf_counter()
+        first, last = clock.times[-new_tokens], clock.times[-1]  # an earlier `put` may hand over the prompt
+        runs.append((first - start, (last - first) / (new_tokens - 1), end - start))
+    prefill, decode, total = (statistics.median(run[part] for run in runs) for part in range(3))
     return {
         "prefill_seconds": prefill,
-        "decode_seconds_per_token": (total - prefill) / (new_tokens - 1),
+        "decode_seconds_per_token": decode,
         "total_seconds": total,
         "peak_extra_bytes": peak_extra_bytes(lambda: generate(new_tokens), args.device),
     }
@@ -123,6 +153,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     query_ids = torch.randint(3, args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
     backbone = f"{backbone_description(args)}, {args.dtype}"
+    if args.quick:
+        print("--quick: tiny sizes and one run, a smoke test of this script; its figures are not measurements")
     print(f"{backbone}; {machine_description(args.device)}; {args.new_tokens} new tokens, median of {args.repeats}")
     print(
         f"{'tokens':>7} {'merge':>5} | {'prefill s':>9} {'decode ms/tok':>13} {'total s':>8} {'peak MiB':>9} | "
@@ -134,9 +166,13 @@ def main() -> None:
             context_ids = torch.randint(3, args.vocab_size, (1, length), generator=generator).to(args.device)
             prompt = torch.cat([context_ids, query_ids], dim=1)
 
-            def full_context(new_tokens: int, prompt=prompt) -> torch.Tensor:
+            def full_context(new_tokens: int, prompt=prompt, **extra) -> torch.Tensor:
                 out = model.decoder.generate(
-                    input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, **options
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=new_tokens,
+                    **options,
+                    **extra,
                 )
                 return out[:, prompt.shape[1] :]
 
@@ -149,13 +185,14 @@ def main() -> None:
             )
             for merge_size in args.merge_sizes:
 
-                def comi(new_tokens: int, context_ids=context_ids, merge_size=merge_size) -> torch.Tensor:
+                def comi(new_tokens: int, context_ids=context_ids, merge_size=merge_size, **extra) -> torch.Tensor:
                     return model.generate(
                         input_ids=context_ids,
                         query_ids=query_ids,
                         merge_size=merge_size,
                         max_new_tokens=new_tokens,
                         **options,
+                        **extra,
                     )
 
                 row = {
@@ -181,6 +218,7 @@ def main() -> None:
     write_json(
         args.json,
         {
+            "quick": args.quick,
             "backbone": backbone,
             "machine": machine_description(args.device),
             "new_tokens": args.new_tokens,
