@@ -47,6 +47,7 @@ from transformers import AutoTokenizer
 from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, truncate_context
 from comi_hf.metrics import best_exact_match
+from comi_hf.pipeline_comi import decode_answers
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "comi_hf" / "default_model"
@@ -59,12 +60,11 @@ VARIANTS = {
     "no fine redundancy": {"fine_redundancy": False},
     "no redundancy": {"coarse_redundancy": False, "fine_redundancy": False},
     "no coarse stage": {"alpha_select": 0.0, "beta_select": 0.0},
-    "no fine stage (mean)": {"fine_grained": False},
-    "truncation": {"coarse_grained": False},
-    "uncompressed": {"coarse_grained": False},
+    "no fine stage (mean)": {"fine": False},
+    "truncation": {"coarse": False},
+    "uncompressed": {"coarse": False},
 }
 PER_TOKEN = ("truncation", "uncompressed")
-SWITCHES = ("coarse_grained", "fine_grained", "coarse_redundancy", "fine_redundancy", "alpha_select", "beta_select")
 
 
 def documents(words: int, seed: int, count: int):
@@ -84,49 +84,39 @@ def score_variant(model, tokenizer, docs, variant: str, merge_size: int, batch_s
     for compressing variants `fused` (documents whose target code shares a memory vector with
     another code) and `fused_correct` (those of them answered exactly)."""
     collate = COMIDataCollator()
-    switches = VARIANTS[variant]
-    saved = {name: getattr(model.config, name) for name in SWITCHES}
-    for name, value in switches.items():
-        setattr(model.config, name, value)
-    model.compressor.read_config(model.config)
     per_token = variant in PER_TOKEN
     correct, ratio, vectors, fused, fused_correct = 0, 0.0, 0, 0, 0
-    try:
-        for start in range(0, len(docs), batch_size):
-            chunk = docs[start : start + batch_size]
-            features, full_lengths = [], []
-            for document in chunk:
-                context = tokenizer(document.context, add_special_tokens=False)["input_ids"]
-                full_lengths.append(len(context))
-                if variant == "truncation":
-                    context = truncate_context(context, memory_budget(len(context), merge_size))
-                question = tokenizer(document.question, add_special_tokens=False)["input_ids"]
-                features.append({"input_ids": context, "query_ids": question})
-            batch = collate(features)
-            memory, memory_mask, details = model.compress(
-                **batch, merge_size=1 if per_token else merge_size, return_details=True
-            )
-            generated = model.generate(
-                query_ids=batch["query_ids"],
-                query_attention_mask=batch["query_attention_mask"],
-                memory=(memory, memory_mask),
-                max_new_tokens=5,  # 4 digits and EOS
-            )
-            answers = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for document, answer, full_length, kept, token_memory in zip(
-                chunk, answers, full_lengths, memory_mask.sum(1).tolist(), details.token_memory, strict=True
-            ):
-                right = best_exact_match(answer.strip(), [document.answer])
-                correct += right
-                ratio += full_length / kept
-                vectors += kept
-                if not per_token and _target_code_fused(document, token_memory):
-                    fused += 1
-                    fused_correct += right
-    finally:
-        for name, value in saved.items():
-            setattr(model.config, name, value)
-        model.compressor.read_config(model.config)
+    for start in range(0, len(docs), batch_size):
+        chunk = docs[start : start + batch_size]
+        features, full_lengths = [], []
+        for document in chunk:
+            context = tokenizer(document.context, add_special_tokens=False)["input_ids"]
+            full_lengths.append(len(context))
+            if variant == "truncation":
+                context = truncate_context(context, memory_budget(len(context), merge_size))
+            question = tokenizer(document.question, add_special_tokens=False)["input_ids"]
+            features.append({"input_ids": context, "query_ids": question})
+        batch = collate(features)
+        memory, memory_mask, details = model.compress(
+            **batch, merge_size=1 if per_token else merge_size, return_details=True, mig_options=VARIANTS[variant]
+        )
+        generated = model.generate(
+            query_ids=batch["query_ids"],
+            query_attention_mask=batch["query_attention_mask"],
+            memory=(memory, memory_mask),
+            max_new_tokens=5,  # 4 digits and EOS
+        )
+        answers = decode_answers(tokenizer, generated)
+        for document, answer, full_length, kept, token_memory in zip(
+            chunk, answers, full_lengths, memory_mask.sum(1).tolist(), details.token_memory, strict=True
+        ):
+            right = best_exact_match(answer, [document.answer])
+            correct += right
+            ratio += full_length / kept
+            vectors += kept
+            if not per_token and _target_code_fused(document, token_memory):
+                fused += 1
+                fused_correct += right
     result = {
         "exact_match": correct / len(docs),
         "memory_vectors": round(vectors / len(docs), 3),

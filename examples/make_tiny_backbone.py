@@ -1,16 +1,17 @@
 """Write a tiny random decoder-only backbone and its tokenizer, for trying the examples offline.
 
-    python examples/make_tiny_backbone.py tiny-backbone
+    python examples/make_tiny_backbone.py tiny-backbone [--hidden-size 128]
 
-A word-level tokenizer over the words of `examples/data/*.jsonl` and a 4-layer Llama with
-hidden size 64. Random weights: COMI fine-tuning on the example data shows the loss falling,
-not a useful model.
+A word-level tokenizer over the words of `examples/data/*.jsonl` and a 4-layer Llama with 4
+attention heads, hidden size 64 by default (head dim 16; vLLM's CPU backend needs a head dim of
+32 or more: `--hidden-size 128`). Random weights: COMI fine-tuning on the example data shows the
+loss falling, not a useful model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, hidden_size: int = 64) -> None:
     words = set()
     for path in sorted(DATA.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -38,8 +39,8 @@ def main(output_dir: str) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(vocabulary),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -55,6 +56,10 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python examples/make_tiny_backbone.py OUTPUT_DIR")
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--hidden-size", type=int, default=64, help="A multiple of 4 (the heads), default 64.")
+    args = parser.parse_args()
+    if args.hidden_size < 4 or args.hidden_size % 4:
+        parser.error(f"--hidden-size must be a positive multiple of 4, got {args.hidden_size}")
+    main(args.output_dir, args.hidden_size)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,12 @@ from comi_hf import COMIConfig, COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize, write_metrics
 from comi_hf.model_card import write_model_card
-from comi_hf.training import DEFAULT_LORA_TARGETS, finalize_trained_model, prepare_for_training
+from comi_hf.training import (
+    DEFAULT_LORA_TARGETS,
+    finalize_trained_model,
+    prepare_for_training,
+    weights_without_gradient,
+)
 
 logger = logging.getLogger("comi_hf.train")
 
@@ -52,7 +59,6 @@ class ModelArguments:
     beta_select: float | None = field(default=None)
     alpha_merge: float | None = field(default=None)
     beta_merge: float | None = field(default=None)
-    learnable_select_weights: bool | None = field(default=None, metadata={"help": "Learn alpha/beta_select."})
     learnable_merge_weights: bool | None = field(default=None, metadata={"help": "Learn alpha/beta_merge."})
     train_encoder: Mode = field(default="full", metadata={"help": "full, lora or freeze."})
     train_lsa: Mode = field(default="full", metadata={"help": "full, lora or freeze."})
@@ -104,11 +110,10 @@ COMI_FIELDS = (
     "beta_select",
     "alpha_merge",
     "beta_merge",
-    "learnable_select_weights",
     "learnable_merge_weights",
 )
 # Fields that change the architecture: an existing COMI checkpoint keeps its own.
-ARCHITECTURE_FIELDS = ("encoder_layers", "num_mem_fusion_layers", "learnable_select_weights", "learnable_merge_weights")
+ARCHITECTURE_FIELDS = ("encoder_layers", "num_mem_fusion_layers", "learnable_merge_weights")
 
 
 def load_model(model_args: ModelArguments, dtype: torch.dtype | None) -> tuple[COMIForConditionalGeneration, str]:
@@ -129,9 +134,32 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype | None) -> tuple[C
     for name, value in overrides.items():
         setattr(model.config, name, value)
     model.config.validate()
-    model.compressor.read_config(model.config)
     base = getattr(model.config.text_config, "_name_or_path", "") or model_args.model_name_or_path
     return model, base
+
+
+def reload_saved_model(directory: Path, model_args: ModelArguments, dtype: torch.dtype | None):
+    """The trained model as `Trainer.save_model` wrote it after sharded training (ZeRO-3, FSDP), in this process.
+
+    With LoRA that is a peft adapter (the LoRA weights and the fully trained parts as
+    `modules_to_save`): it goes back onto the COMI model built from the backbone as before training.
+    """
+    # The ZeRO-3 config stays registered with transformers after training: without unregistering it,
+    # `from_pretrained` would partition the rebuilt model again (and `generate` would sync processes).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, _ = load_model(model_args, dtype)
+        return PeftModel.from_pretrained(model, directory)
+    if (directory / "config.json").is_file():
+        return COMIForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    fail(
+        f"sharded training saved no full model in {directory}: keep `zero3_save_16bit_model: true` "
+        "(DeepSpeed) or `fsdp_state_dict_type: FULL_STATE_DICT` (FSDP) in the accelerate config"
+    )
 
 
 def fail(message: str) -> None:
@@ -211,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        # Without an accelerator (and without --use_cpu) accelerate finds no backend and each process
+        # would train alone (and all write output_dir); DeepSpeed stops later on a batch size mismatch.
+        fail(
+            f"launched {launched} processes but training would use 1: no GPU was found; add --use_cpu to train on CPUs"
+        )
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     train_raw, eval_raw = load_data(data_args)
     set_seed(training_args.seed)
@@ -225,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             eval_raw, tokenizer, data_args.max_context_tokens, Path(data_args.validation_file).name
         )
     if training_args.ddp_find_unused_parameters is None:
-        # Every trained parameter gets a gradient at every step, except learnable coarse-stage
-        # weights (the coarse stage only decides integer sizes): DDP's search is only needed then.
-        training_args.ddp_find_unused_parameters = bool(model.config.learnable_select_weights)
+        # Every trained parameter gets a gradient at every step, unless the MIG switches leave a
+        # learnable weight unused: only then does DDP need to look for unused parameters.
+        training_args.ddp_find_unused_parameters = bool(weights_without_gradient(model.config))
 
     trainable = prepare_for_training(
         model,
@@ -239,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         lora_dropout=model_args.lora_dropout,
         lora_target_modules=model_args.lora_target_modules,
     )
-    counts = [(p.numel(), p.requires_grad) for p in trainable.parameters()]
+    # `ds_numel`: under DeepSpeed ZeRO-3 each process holds an empty shard of a frozen weight.
+    counts = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in trainable.parameters()]
     logger.info("trainable parameters: %d of %d", sum(n for n, grad in counts if grad), sum(n for n, _ in counts))
     trainer = Trainer(
         model=trainable,
@@ -248,16 +284,19 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         data_collator=COMIDataCollator(),
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate/state.py turns FSDP on only for GPU-like devices, never for MULTI_CPU.
+        logger.warning("the accelerate config asks for FSDP, which accelerate does not run on CPUs: training with DDP")
     result = train(trainer, checkpoint, training_args.max_steps)
     log_history = trainer.state.log_history
     trainer.accelerator.wait_for_everyone()
     deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
     sharded = trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3)
+    output_dir = Path(training_args.output_dir)
     if sharded:
-        # Sharded parameters: `save_model` gathers them; the LoRA merge needs the full weights,
-        # so it is left to a single process (load with `peft.PeftModel.from_pretrained`, then
-        # `merge_and_unload()`), which this machine-independent script does not attempt here.
-        trainer.save_model(training_args.output_dir)
+        # Sharded parameters: `save_model` gathers them (every process takes part) and the main
+        # process writes them, the adapter alone with LoRA; the main process reloads them below.
+        trainer.save_model(str(output_dir / "adapter"))
     is_main_process = trainer.is_world_process_zero()
     # Unwrapped only where it is saved: under FSDP the wrapped modules hold the process group.
     trained = None if sharded or not is_main_process else trainer.accelerator.unwrap_model(trainer.model)
@@ -270,13 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     state.destroy_process_group()
     if not is_main_process:
         return
-    output_dir = Path(training_args.output_dir)
     if sharded:
-        tokenizer.save_pretrained(output_dir)
-        logger.warning("sharded training: saved the trainer's model (LoRA not merged) to %s", output_dir)
-        return
-
-    if model_args.keep_adapter and hasattr(trained, "peft_config"):
+        # The whole model in this one process now (CPU memory), to merge the LoRA.
+        trained = reload_saved_model(output_dir / "adapter", model_args, dtype)
+        if not model_args.keep_adapter:
+            shutil.rmtree(output_dir / "adapter")
+    elif model_args.keep_adapter and hasattr(trained, "peft_config"):
         trained.save_pretrained(output_dir / "adapter")
     final = finalize_trained_model(trained).eval()
     final.save_pretrained(output_dir)

@@ -15,7 +15,7 @@ def test_defaults_follow_the_official_code():
     assert config.merge_sizes is None
     assert config.coarse_grained and config.fine_grained and config.coarse_redundancy and config.fine_redundancy
     assert (config.alpha_select, config.beta_select, config.alpha_merge, config.beta_merge) == (1.0, 1.0, 1.0, 1.0)
-    assert not config.learnable_select_weights and not config.learnable_merge_weights
+    assert not config.learnable_merge_weights
     assert config.get_text_config() is config.text_config
 
 
@@ -74,3 +74,20 @@ def test_non_finite_mig_weights_are_refused_on_assignment_too():
     config = COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2)
     with pytest.raises(StrictDataclassError, match="(?s)beta_select.*finite number"):
         config.beta_select = float("nan")
+
+
+def test_learnable_coarse_weights_are_refused_with_the_reason():
+    # The coarse stage only decides integer group sizes: its weights would never get a gradient.
+    with pytest.raises(ValueError, match="never receive a gradient"):
+        COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2, learnable_select_weights=True)
+    # Configs saved with the old flag off still load, and do not keep it.
+    config = COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2, learnable_select_weights=False)
+    assert "learnable_select_weights" not in config.to_dict()
+
+
+def test_tie_word_embeddings_follows_the_backbone():
+    tied = COMIConfig(text_config=backbone_config("qwen2", tie_word_embeddings=True), encoder_layers=2)
+    assert tied.tie_word_embeddings is True
+    assert COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2).tie_word_embeddings is False
+    with pytest.raises(ValueError, match="follows the backbone's"):
+        COMIConfig(text_config=backbone_config("qwen2"), encoder_layers=2, tie_word_embeddings=True)

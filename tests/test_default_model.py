@@ -102,7 +102,8 @@ def test_remote_code_loads_the_shipped_directory_without_the_package(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "COMIForConditionalGeneration"
+    # (DeepSpeed, when installed, writes a notice to stdout as accelerate imports it.)
+    assert done.stdout.strip().splitlines()[-1] == "COMIForConditionalGeneration"
 
 
 def test_generation_config_is_greedy_without_repetition_penalty(model):

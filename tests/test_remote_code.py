@@ -15,7 +15,7 @@ import comi_hf
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(comi_hf.__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py", "pipeline_comi.py")
+REMOTE_CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py", "packing.py", "pipeline_comi.py")
 
 
 def test_top_level_entry_points_are_the_package_files():

@@ -43,11 +43,13 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, Tr
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from comi_hf import COMIForConditionalGeneration
+from comi_hf.configuration_comi import draw_merge_size
 from comi_hf.data import COMIDataCollator, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize
 from comi_hf.model_card import write_model_card
 from comi_hf.modeling_comi import COMIMIGCompressor
 from comi_hf.synthetic import SPLIT_SEEDS, FactSpan, make_document
+from comi_hf.training import weights_without_gradient
 
 logger = logging.getLogger("comi_hf.default_model")
 NOTES = Path(__file__).resolve().parent / "model_card_notes.md"
@@ -143,7 +145,7 @@ class LossWithMemoryAttention(nn.Module):
 
     def forward(self, input_ids, attention_mask, query_ids, query_attention_mask, labels, target_code_start):
         # One merge size for the batch, from this stage's sizes (the model's own are the saved model's).
-        merge_size = random.choice(self.merge_sizes)
+        merge_size = draw_merge_size(self.merge_sizes)
         # Compressed once, with the token → memory map the auxiliary loss needs.
         memory, memory_mask, details = self.model.compress(
             input_ids, attention_mask, query_ids, query_attention_mask, merge_size, return_details=True
@@ -359,9 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         model.config.learnable_merge_weights = args.learnable_merge_weights
         model.compressor = COMIMIGCompressor(model.config)
     config = model.config
-    every_parameter_used = not config.learnable_select_weights and (
-        not config.learnable_merge_weights or (config.fine_grained and config.fine_redundancy)
-    )
+    every_parameter_used = not weights_without_gradient(config)
     # Greedy as in the official evaluation, but without its repetition penalty (1.3): half of the
     # codes repeat a digit, and a penalty on repeats would fight the right answer.
     model.generation_config.repetition_penalty = 1.0
@@ -466,8 +466,8 @@ def main(argv: list[str] | None = None) -> None:
             "auxiliary loss weight": args.aux_weight,
             **({"validation exact match during the last stage": _stop_summary(stop)} if stop else {}),
             "fine-stage weights (alpha, beta)": "{:.3f}, {:.3f}{}".format(
-                float(torch.as_tensor(model.compressor.alpha_merge).detach()),
-                float(torch.as_tensor(model.compressor.beta_merge).detach()),
+                float(model.compressor.settings()["alpha_merge"]),
+                float(model.compressor.settings()["beta_merge"]),
                 " (learnt)" if model.config.learnable_merge_weights else "",
             ),
         },

@@ -3,13 +3,16 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comi import COMIConfig
-from .mig import MIGDetails, mig_compress
+from .mig import MIGDetails, NonFiniteInputError, mig_compress
 from .modeling_comi import (
+    MIG_OPTIONS,
     COMICompressionDetails,
+    COMICompressionModel,
     COMIContextEncoding,
     COMIForConditionalGeneration,
     COMIOutput,
     COMIPreTrainedModel,
+    COMIPromptEncoder,
     official_generation_config,
 )
 
@@ -25,15 +28,19 @@ AutoModelForCausalLM.register(COMIConfig, COMIForConditionalGeneration, exist_ok
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MIG_OPTIONS",
     "PIPELINE_TASK",
     "COMICompressionDetails",
+    "COMICompressionModel",
     "COMIConfig",
     "COMIContextEncoding",
-    "COMIQuestionAnsweringPipeline",
-    "MIGDetails",
     "COMIForConditionalGeneration",
     "COMIOutput",
     "COMIPreTrainedModel",
+    "COMIPromptEncoder",
+    "COMIQuestionAnsweringPipeline",
+    "MIGDetails",
+    "NonFiniteInputError",
     "mig_compress",
     "official_generation_config",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-__all__ = ["COMIConfig"]
+__all__ = ["COMIConfig", "check_merge_size", "draw_merge_size"]
 
 
 @as_validated_field
@@ -17,6 +18,42 @@ def finite(value: float) -> None:
     """A MIG weight: a NaN or infinite one makes every score NaN or infinite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"Value must be a finite number, got {value!r}.")
+
+
+def at_least(minimum: int):
+    """A field validator: an integer (not a bool) >= `minimum`."""
+
+    @as_validated_field
+    def validate(value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"Value must be an integer >= {minimum}, got {value!r}.")
+
+    return validate
+
+
+@as_validated_field
+def merge_size_list(value: list[int] | None) -> None:
+    if value is not None and (
+        not value or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in value)
+    ):
+        raise ValueError(f"Value must be a non-empty list of integers >= 1, got {value!r}.")
+
+
+def check_merge_size(merge_size: object) -> int:
+    """`merge_size` if it is an integer >= 1 (the tokens per memory vector); a `ValueError` otherwise."""
+    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
+    return merge_size
+
+
+def draw_merge_size(merge_sizes: list[int], generator: random.Random | None = None) -> int:
+    """One of `merge_sizes`, uniformly: the merge size of one training batch (the official recipe
+    samples it per batch).
+
+    Drawn from Python's `random` (or `generator`), which `transformers.set_seed` seeds too, so
+    that the draw leaves torch's random state (dropout, data order) as it is.
+    """
+    return (generator or random).choice(merge_sizes)
 
 
 @strict(accept_kwargs=True)
@@ -47,8 +84,13 @@ class COMIConfig(PreTrainedConfig):
         fine_redundancy (`bool`, defaults to `True`): redundancy term in the fine weights.
         alpha_select, beta_select (`float`, default to 1.0): coarse-stage relevance / redundancy weights.
         alpha_merge, beta_merge (`float`, default to 1.0): fine-stage relevance / redundancy weights.
-        learnable_select_weights (`bool`, defaults to `False`): make `alpha_select`, `beta_select` parameters.
+            With `learnable_merge_weights`, the model's parameters start from these values, and
+            `save_pretrained` writes the learnt values here.
         learnable_merge_weights (`bool`, defaults to `False`): make `alpha_merge`, `beta_merge` parameters.
+            (The coarse-stage weights cannot learn: that stage only decides integer group sizes,
+            so no gradient reaches them.)
+        tie_word_embeddings (`bool`, *optional*): the backbone's, mirrored for weight-tying helpers
+            that read the top-level config; another value is refused.
 
     Example:
 
@@ -67,11 +109,11 @@ class COMIConfig(PreTrainedConfig):
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2")}
 
     text_config: dict | PreTrainedConfig | None = None
-    encoder_layers: int = 8
-    num_mem_fusion_layers: int = 1
-    merge_size: int = 16
-    merge_sizes: list[int] | None = None
-    segment_size: int = 10000
+    encoder_layers: int = at_least(1)(default=8)
+    num_mem_fusion_layers: int = at_least(0)(default=1)
+    merge_size: int = at_least(1)(default=16)
+    merge_sizes: list[int] | None = merge_size_list(default=None)
+    segment_size: int = at_least(1)(default=10000)
     coarse_grained: bool = True
     fine_grained: bool = True
     coarse_redundancy: bool = True
@@ -80,15 +122,23 @@ class COMIConfig(PreTrainedConfig):
     beta_select: float = finite(default=1.0)
     alpha_merge: float = finite(default=1.0)
     beta_merge: float = finite(default=1.0)
-    learnable_select_weights: bool = False
     learnable_merge_weights: bool = False
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
+        # Configs saved before `learnable_select_weights` was removed carry it as False.
+        if kwargs.pop("learnable_select_weights", False):
+            raise ValueError(
+                "`learnable_select_weights` is not supported: the coarse stage only decides integer group sizes, "
+                "so `alpha_select` / `beta_select` would never receive a gradient."
+            )
         super().__post_init__(**kwargs)
-        # The decoder ties its LM head like the backbone does; mirror the flag so that
-        # weight-tying helpers reading the top-level config agree with the backbone.
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        backbone_ties = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings is not None and self.tie_word_embeddings != backbone_ties:
+            raise ValueError(
+                f"`tie_word_embeddings` follows the backbone's ({backbone_ties}); set it in `text_config`."
+            )
+        self.tie_word_embeddings = backbone_ties
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -102,31 +152,18 @@ class COMIConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def validate_comi_fields(self):
-        """Reject values the model cannot work with, naming the field."""
-        for name in ("encoder_layers", "num_mem_fusion_layers", "merge_size", "segment_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+        """Checks across fields: the depths fit in the backbone."""
         backbone_layers = self.text_config.num_hidden_layers
-        if not 1 <= self.encoder_layers <= backbone_layers:
+        if self.encoder_layers > backbone_layers:
             raise ValueError(
                 f"`encoder_layers` must be between 1 and the backbone's {backbone_layers} layers, "
                 f"got {self.encoder_layers}."
             )
-        if not 0 <= self.num_mem_fusion_layers <= backbone_layers:
+        if self.num_mem_fusion_layers > backbone_layers:
             raise ValueError(
                 f"`num_mem_fusion_layers` must be between 0 and the backbone's {backbone_layers} layers, "
                 f"got {self.num_mem_fusion_layers}."
             )
-        if self.merge_size < 1:
-            raise ValueError(f"`merge_size` must be >= 1, got {self.merge_size}.")
-        if self.segment_size < 1:
-            raise ValueError(f"`segment_size` must be >= 1, got {self.segment_size}.")
-        if self.merge_sizes is not None:
-            if not self.merge_sizes or any(
-                isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in self.merge_sizes
-            ):
-                raise ValueError(f"`merge_sizes` must be a non-empty list of integers >= 1, got {self.merge_sizes!r}.")
 
     def _truncated_text_config(self, num_layers: int) -> PreTrainedConfig:
         config = copy.deepcopy(self.text_config)

@@ -146,7 +146,7 @@ def _convert(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from .configuration_comi import COMIConfig
-    from .modeling_comi import COMIForConditionalGeneration, official_generation_config
+    from .modeling_comi import COMIForConditionalGeneration, loading_problems, official_generation_config
 
     path = Path(args.checkpoint)
     if path.is_dir():
@@ -183,20 +183,17 @@ def _convert(args: argparse.Namespace) -> int:
         state["lsa.bias"] = torch.zeros(hidden_size, dtype=dtype)
     model = COMIForConditionalGeneration._from_config(config, dtype=dtype)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in set(state) & set(expected)
-        if state[key].shape != expected[key].shape
+    problems = loading_problems(
+        set(expected) - set(state),
+        set(state) - set(expected),
+        [
+            f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+            for key in set(state) & set(expected)
+            if state[key].shape != expected[key].shape
+        ],
     )
-    problems = [
-        f"{what}: {', '.join(keys[:8])}" + (f" (+{len(keys) - 8})" if len(keys) > 8 else "")
-        for what, keys in (("missing", missing), ("not in this backbone", unexpected), ("wrong shape", wrong_shape))
-        if keys
-    ]
     if problems:
-        raise CheckpointMismatch(f"the checkpoint does not match {args.backbone}: " + "; ".join(problems))
+        raise CheckpointMismatch(f"the checkpoint does not match {args.backbone}: {problems}")
     model.load_state_dict(state, strict=True)
     model.generation_config = official_generation_config(model.config)
     output_dir = Path(args.output_dir)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from .packing import pad_token_lists
+
 __all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context"]
 
 
@@ -127,18 +129,7 @@ class COMIDataCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = {}
         for key, mask_key in (("input_ids", "attention_mask"), ("query_ids", "query_attention_mask")):
-            ids, mask = self._pad([feature[key] for feature in features], self.pad_token_id)
-            batch[key], batch[mask_key] = ids, mask
+            batch[key], batch[mask_key] = pad_token_lists([feature[key] for feature in features], self.pad_token_id)
         if "labels" in features[0]:
-            batch["labels"] = self._pad([feature["labels"] for feature in features], -100)[0]
+            batch["labels"] = pad_token_lists([feature["labels"] for feature in features], -100)[0]
         return batch
-
-    @staticmethod
-    def _pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(sequence) for sequence in sequences)
-        ids = torch.full((len(sequences), width), value, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-            mask[row, : len(sequence)] = 1
-        return ids, mask

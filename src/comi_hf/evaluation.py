@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .data import COMIDataCollator, truncate_context
 from .metrics import best_exact_match, best_f1
+from .pipeline_comi import decode_answers
 
 __all__ = ["answer_dataset", "summarize", "write_metrics"]
 
@@ -56,7 +57,7 @@ def answer_dataset(
                 memory=(memory, memory_mask),
                 **generate_kwargs,
             )
-        predictions = [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        predictions = decode_answers(tokenizer, generated)
         rows = zip(
             examples["id"], examples["context"], examples["question"], examples["answers"], predictions, strict=True
         )

@@ -3,15 +3,21 @@
 context ids ─┐
              ├─► encoder (first K backbone layers + final norm) ─► hidden states
 query ids ───┘                                                      │
-                              mean of the query's hidden states ─► MIG compression
+                              mean of the query's hidden states ─► MIG compressor
                                                                     │ memory vectors
                                                  LSA (backbone layers + norm, or Linear)
                                                                     │
 decoder (the full backbone) reads [memory ; query embeddings ; answer embeddings]
+
+[`COMICompressionModel`] is the compression half (encoder, MIG compressor, LSA: contexts and
+queries in, memory vectors out). [`COMIForConditionalGeneration`] adds the decoder;
+[`COMIPromptEncoder`] adds only the decoder's token embeddings, to build the decoder's input
+where another process (a vLLM server) holds the decoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -27,16 +33,32 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from .configuration_comi import COMIConfig
-from .mig import MIGDetails, NonFiniteInputError, mig_compress
+from .configuration_comi import COMIConfig, check_merge_size, draw_merge_size
+from .mig import NonFiniteInputError, mig_compress
+from .packing import (
+    COMICompressionDetails,
+    COMIContextEncoding,
+    concatenate_rows,
+    decoder_inputs,
+    details_per_query,
+    left_justify,
+    resolve_context_index,
+    rows_for_queries,
+    rows_to_samples,
+    segment_contexts,
+)
 from .pipeline_comi import custom_pipelines_entry, encode_texts
 
 __all__ = [
+    "MIG_OPTIONS",
     "COMICompressionDetails",
+    "COMICompressionModel",
     "COMIContextEncoding",
     "COMIForConditionalGeneration",
     "COMIOutput",
     "COMIPreTrainedModel",
+    "COMIPromptEncoder",
+    "loading_problems",
     "official_generation_config",
 ]
 
@@ -47,6 +69,17 @@ logger = hf_logging.get_logger(__name__)
 _BACKBONE_KEY_MAPPING = {r"^model\.": "decoder.model.", r"^lm_head\.": "decoder.lm_head."}
 # Parts of COMI that a plain backbone checkpoint cannot contain.
 _NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
+# The per-call options of the MIG compressor: `mig_compress`'s switches and weights.
+MIG_OPTIONS = (
+    "coarse",
+    "fine",
+    "coarse_redundancy",
+    "fine_redundancy",
+    "alpha_select",
+    "beta_select",
+    "alpha_merge",
+    "beta_merge",
+)
 
 
 def official_generation_config(config: COMIConfig) -> GenerationConfig:
@@ -91,63 +124,47 @@ class COMIOutput(ModelOutput):
 
 
 class COMIMIGCompressor(nn.Module):
-    """Holds the MIG switches and the alpha/beta weights and calls [`mig_compress`].
+    """The MIG stage: calls [`mig_compress`] with the config's switches and weights, read at each call.
 
-    The weights are parameters when the config makes them learnable, plain floats otherwise.
+    `alpha_merge` / `beta_merge` are parameters when `config.learnable_merge_weights` is set (their
+    config values are then the starting values, and `save_pretrained` writes the learnt ones back).
+    Any setting can be overridden for one call (see `MIG_OPTIONS`).
     """
 
     def __init__(self, config: COMIConfig):
         super().__init__()
-        for stage, learnable in (
-            ("select", config.learnable_select_weights),
-            ("merge", config.learnable_merge_weights),
-        ):
-            if learnable:
-                for weight in ("alpha", "beta"):
-                    name = f"{weight}_{stage}"
-                    setattr(self, name, nn.Parameter(torch.tensor(float(getattr(config, name)))))
-        self.read_config(config)
+        self.config = config
+        if config.learnable_merge_weights:
+            self.alpha_merge = nn.Parameter(torch.tensor(float(config.alpha_merge)))
+            self.beta_merge = nn.Parameter(torch.tensor(float(config.beta_merge)))
 
-    def read_config(self, config: COMIConfig) -> None:
-        """Take the stage switches and the fixed (not learnable) weights from `config`."""
-        self.coarse = config.coarse_grained
-        self.fine = config.fine_grained
-        self.coarse_redundancy = config.coarse_redundancy
-        self.fine_redundancy = config.fine_redundancy
-        for name in ("alpha_select", "beta_select", "alpha_merge", "beta_merge"):
-            if not isinstance(getattr(self, name, None), nn.Parameter):
-                setattr(self, name, float(getattr(config, name)))
+    def settings(self) -> dict:
+        """The switches and weights in force: the config's, learnt weights where there are some."""
+        config = self.config
+        return {
+            "coarse": config.coarse_grained,
+            "fine": config.fine_grained,
+            "coarse_redundancy": config.coarse_redundancy,
+            "fine_redundancy": config.fine_redundancy,
+            "alpha_select": config.alpha_select,
+            "beta_select": config.beta_select,
+            "alpha_merge": getattr(self, "alpha_merge", config.alpha_merge),
+            "beta_merge": getattr(self, "beta_merge", config.beta_merge),
+        }
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        query: torch.Tensor,
-        attention_mask: torch.Tensor,
-        merge_size: int,
-        return_details: bool = False,
-    ):
+    def forward(self, hidden_states, query, attention_mask, merge_size: int, return_details=False, **options):
         """`(rows, n, hidden)` states, `(rows, hidden)` queries -> `(rows, M, hidden)` memory and its mask."""
-        return mig_compress(
-            hidden_states,
-            query,
-            merge_size,
-            attention_mask,
-            coarse=self.coarse,
-            fine=self.fine,
-            coarse_redundancy=self.coarse_redundancy,
-            fine_redundancy=self.fine_redundancy,
-            alpha_select=self.alpha_select,
-            beta_select=self.beta_select,
-            alpha_merge=self.alpha_merge,
-            beta_merge=self.beta_merge,
-            return_details=return_details,
-        )
+        unknown = sorted(set(options) - set(MIG_OPTIONS))
+        if unknown:
+            raise ValueError(f"Unknown MIG option(s) {unknown}; the options are {list(MIG_OPTIONS)}.")
+        settings = {**self.settings(), **options}
+        return mig_compress(hidden_states, query, merge_size, attention_mask, **settings, return_details=return_details)
 
 
 class COMIPreTrainedModel(PreTrainedModel):
     config_class = COMIConfig
     config: COMIConfig
-    base_model_prefix = "comi"
+    base_model_prefix = ""
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -168,125 +185,6 @@ class COMIPreTrainedModel(PreTrainedModel):
             init.eye_(module.weight)
             init.zeros_(module.bias)
 
-
-class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
-    """COMI: encoder → MIG compressor → LSA → decoder.
-
-    Build one from a decoder-only backbone with [`~COMIForConditionalGeneration.from_backbone`],
-    load a COMI checkpoint with `from_pretrained`, and answer with [`~COMIForConditionalGeneration.generate`].
-    """
-
-    def __init__(self, config: COMIConfig):
-        super().__init__(config)
-        self.encoder = AutoModel.from_config(config.encoder_config())
-        self.compressor = COMIMIGCompressor(config)
-        if config.num_mem_fusion_layers > 0:
-            self.lsa = AutoModel.from_config(config.lsa_config())
-            # The LSA block reads memory vectors, never token ids (and so has no tensor-parallel
-            # rule for an embedding table either).
-            self.lsa.embed_tokens = None
-            if self.lsa._tp_plan:
-                self.lsa._tp_plan.pop("embed_tokens", None)
-        else:
-            hidden_size = config.text_config.hidden_size
-            self.lsa = nn.Linear(hidden_size, hidden_size)
-        self.decoder = AutoModelForCausalLM.from_config(config.text_config)
-        # `labels` hold the answer alone, and every answer token is predicted (the first from the
-        # query's last position): not a causal-LM loss over the labels' own sequence. This tells
-        # `Trainer` to count every label, not `labels[..., 1:]`, when it normalises the loss.
-        self.loss_type = None
-        self.post_init()
-        self.generation_config = official_generation_config(config)
-
-    # ------------------------------------------------------------------ embeddings
-    def get_input_embeddings(self) -> nn.Module:
-        return self.decoder.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.decoder.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.decoder.get_output_embeddings()
-
-    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
-        self.decoder.set_output_embeddings(new_embeddings)
-
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
-        """Resize the decoder's and the encoder's token embeddings together."""
-        self.encoder.resize_token_embeddings(new_num_tokens, *args, **kwargs)
-        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
-
-    # ------------------------------------------------------------------ building
-    @classmethod
-    def from_backbone(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | str | None = None,
-        device_map: str | dict | None = None,
-        attn_implementation: str | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        trust_remote_code: bool = False,
-        **config_overrides,
-    ) -> COMIForConditionalGeneration:
-        """Build a COMI model from a decoder-only checkpoint (Hub id or local directory).
-
-        The decoder is the checkpoint itself; the encoder is a copy of its first
-        `encoder_layers` layers plus its embeddings and final norm; the LSA block is a copy of
-        its first `num_mem_fusion_layers` layers plus its final norm (SPEC §1).
-
-        Args:
-            pretrained_model_name_or_path: the backbone (Qwen2, Qwen3, Llama, Mistral, ...).
-            dtype, device_map, attn_implementation: as in `from_pretrained`.
-            revision, token, cache_dir, local_files_only, trust_remote_code: Hub options.
-            **config_overrides: [`COMIConfig`] fields, e.g. `encoder_layers=8, merge_size=16`.
-        """
-        hub_kwargs = {
-            "revision": revision,
-            "token": token,
-            "cache_dir": cache_dir,
-            "local_files_only": local_files_only,
-            "trust_remote_code": trust_remote_code,
-        }
-        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        if getattr(backbone_config, "model_type", None) == COMIConfig.model_type:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is already a COMI model: load it with "
-                "`COMIForConditionalGeneration.from_pretrained`."
-            )
-        config = COMIConfig(text_config=backbone_config, **config_overrides)
-        # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
-        # would report as missing at length; drop that report and check the loading here instead.
-        report_logger = hf_logging.get_logger("transformers.modeling_utils")
-        report_logger.addFilter(_drop_loading_report)
-        try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                config=config,
-                key_mapping=_BACKBONE_KEY_MAPPING,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                dtype=dtype,
-                device_map=device_map,
-                attn_implementation=attn_implementation,
-                **hub_kwargs,
-            )
-        finally:
-            report_logger.removeFilter(_drop_loading_report)
-        _check_backbone_loading(pretrained_model_name_or_path, loading_info)
-        # transformers remembers the key mapping used to load and reverts it on save; this model
-        # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
-        vars(model).pop("_weight_conversions", None)
-        # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
-        # only to weights found in the checkpoint.
-        model.compressor.float()
-        model.copy_backbone_into_encoder_and_lsa()
-        model.generation_config = official_generation_config(model.config)
-        return model
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
         """Load a COMI checkpoint; weights missing from it, or left over, are an error, not a warning.
@@ -302,10 +200,14 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         # is registered by importing this code, and a `custom_pipelines` entry on the live config
         # would make `pipeline("comi-qa", model=model)` demand `trust_remote_code`.
         vars(model.config).pop("custom_pipelines", None)
-        if getattr(model.generation_config, "_from_model_config", False):
+        if getattr(getattr(model, "generation_config", None), "_from_model_config", False):
             # No generation_config.json (e.g. a converted checkpoint): the official settings.
             model.generation_config = official_generation_config(model.config)
-        problems = _loading_problems(loading_info)
+        problems = loading_problems(
+            loading_info.get("missing_keys", ()),
+            loading_info.get("unexpected_keys", ()),
+            [str(entry) for entry in loading_info.get("mismatched_keys", ())],
+        )
         if problems:
             hint = ""
             if any(key.startswith("model.") for key in loading_info.get("unexpected_keys", ())):
@@ -313,32 +215,48 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             raise ValueError(f"{pretrained_model_name_or_path} is not a matching COMI checkpoint: {problems}.{hint}")
         return (model, loading_info) if output_loading_info else model
 
-    @torch.no_grad()
-    def copy_backbone_into_encoder_and_lsa(self) -> None:
-        """(Re)initialise the encoder and the LSA block from the decoder's weights (SPEC §1)."""
-        backbone = self.decoder.get_decoder()
-        source = dict(backbone.state_dict())
-        targets = [self.encoder] + ([self.lsa] if self.config.num_mem_fusion_layers > 0 else [])
-        for target in targets:
-            for name, tensor in target.state_dict().items():
-                if name not in source:
-                    raise KeyError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
-                if source[name].is_meta or tensor.is_meta:
-                    raise RuntimeError(
-                        "Cannot copy the backbone into the encoder while weights are offloaded (meta device); "
-                        "load without CPU/disk offload, save, then use `from_pretrained`."
-                    )
-                tensor.copy_(source[name].to(device=tensor.device, dtype=tensor.dtype))
 
-    # ------------------------------------------------------------------ compression
+class COMICompressionModel(COMIPreTrainedModel):
+    """COMI's compression half: encoder → MIG compressor → LSA; contexts and queries in, memory out.
+
+    Subclasses add the decoder side in `_add_decoder_side` (the whole decoder, or only its
+    token embeddings); loaded alone, this class reads a COMI checkpoint's encoder, compressor and
+    LSA and leaves the decoder's weights unread.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: COMIConfig):
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config())
+        self.compressor = COMIMIGCompressor(config)
+        if config.num_mem_fusion_layers > 0:
+            self.lsa = AutoModel.from_config(config.lsa_config())
+            # The LSA block reads memory vectors, never token ids (and so has no tensor-parallel
+            # rule for an embedding table either).
+            self.lsa.embed_tokens = None
+            if self.lsa._tp_plan:
+                self.lsa._tp_plan.pop("embed_tokens", None)
+        else:
+            hidden_size = config.text_config.hidden_size
+            self.lsa = nn.Linear(hidden_size, hidden_size)
+        self._add_decoder_side(config)
+        self.post_init()
+
+    def _add_decoder_side(self, config: COMIConfig) -> None:
+        """Nothing here; the classes that answer or build prompts add their part of the decoder."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
     def encode_context(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> COMIContextEncoding:
         """Run the encoder over contexts once, to compress them against any number of queries.
 
         The encoder is causal and the query comes after the context, so the context's hidden
-        states and key/value cache do not depend on the query: [`compress`] and [`generate`]
-        with `context_encoding=` then run the encoder over the query tokens only.
+        states and key/value cache do not depend on the query: [`compress`] and `generate` with
+        `context_encoding=` then run the encoder over the query tokens only.
 
         Args:
             input_ids: `(batch, context_len)` context token ids, padded on either side.
@@ -363,6 +281,7 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         context_encoding: COMIContextEncoding | None = None,
         context_index: torch.LongTensor | None = None,
         return_details: bool = False,
+        mig_options: dict | None = None,
     ):
         """Encode and compress contexts into aligned memory vectors, one set per query.
 
@@ -377,32 +296,27 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 per context, or every query about the only context.
             return_details: also return a [`COMICompressionDetails`] (which memory vector each
                 context token went into, with which weight).
+            mig_options: MIG settings for this call only, e.g. `{"coarse_redundancy": False}`
+                (names in `MIG_OPTIONS`; the config's settings otherwise).
 
         Returns:
-            `memory` `(queries, memory_len, hidden)` in the decoder's dtype (LSA applied), each
-            query's vectors first, and `memory_attention_mask` `(queries, memory_len)` bool
-            (then the details, if asked for).
+            `memory` `(queries, memory_len, hidden)` (LSA applied), each query's vectors first, and
+            `memory_attention_mask` `(queries, memory_len)` bool (then the details, if asked for).
         """
         merge_size = self._resolve_merge_size(merge_size)
         if query_ids is None:
             raise ValueError("COMI compresses a context against a query: `query_ids` is missing.")
         query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         _require_non_empty(query_mask, "query")
-        if context_encoding is None:
-            if input_ids is None:
-                raise ValueError("Give the contexts as `input_ids` or as a `context_encoding`.")
-            contexts = self._context_rows(input_ids, attention_mask)
-        elif input_ids is not None:
-            raise ValueError("Give the contexts as `input_ids` or as a `context_encoding`, not both.")
-        else:
-            contexts = context_encoding
+        if (context_encoding is None) == (input_ids is None):
+            raise ValueError("Give the contexts as `input_ids` or as a `context_encoding` (one of them).")
+        contexts = context_encoding or self._context_rows(input_ids, attention_mask)
         num_queries = query_ids.shape[0]
-        context_index = _context_index(context_index, contexts.batch_size, num_queries, query_ids.device)
-        query, query_len = _left_justify(query_ids.to(contexts.input_ids.device), query_mask)
+        context_index = resolve_context_index(context_index, contexts.batch_size, num_queries, query_ids.device)
+        query, query_len = left_justify(query_ids.to(contexts.input_ids.device), query_mask)
 
         # One encoder row per (query, segment of its context).
-        row_index, row_query = _rows_for_queries(contexts.sample, context_index, contexts.batch_size)
-        segment_ids = contexts.input_ids[row_index]
+        row_index, row_query = rows_for_queries(contexts.sample, context_index, contexts.batch_size)
         segment_mask = contexts.context_mask[row_index]
         row_query_ids, row_query_len = query[row_query], query_len[row_query]
         if contexts.key_values is not None:
@@ -411,8 +325,8 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 contexts.key_values, row_index, segment_mask, row_query_ids, row_query_len
             )
         else:
-            ids, mask, segment_mask, query_rows_mask = _concatenate_rows(
-                segment_ids, segment_mask, row_query_ids, row_query_len
+            ids, mask, segment_mask, query_rows_mask = concatenate_rows(
+                contexts.input_ids[row_index], segment_mask, row_query_ids, row_query_len
             )
             context_hidden = query_hidden = self._encode_rows(ids, mask, rows_per_pass=num_queries)[0]
 
@@ -420,36 +334,38 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         query_weights = query_rows_mask.to(torch.promote_types(query_hidden.dtype, torch.float32))
         query_vector = torch.einsum("rt,rtd->rd", query_weights, query_hidden.to(query_weights.dtype))
         query_vector = query_vector / query_weights.sum(1, keepdim=True)
+        memory, memory_mask, *details = self._mig(
+            context_hidden, query_vector, segment_mask, merge_size, return_details, row_query, mig_options or {}
+        )
+        memory = self._align(memory, memory_mask)
+        sample_memory, sample_mask = rows_to_samples(memory, memory_mask, row_query, num_queries)
+        if not return_details:
+            return sample_memory, sample_mask
+        details = details_per_query(
+            details[0], memory_mask, segment_mask, contexts, row_index, row_query, context_index
+        )
+        return sample_memory, sample_mask, details
+
+    def _mig(self, hidden, query_vector, segment_mask, merge_size, return_details, row_query, options):
         try:
-            memory, memory_mask, *details = self.compressor(
-                context_hidden, query_vector, segment_mask, merge_size, return_details=return_details
+            return self.compressor(
+                hidden, query_vector, segment_mask, merge_size, return_details=return_details, **options
             )
         except NonFiniteInputError as error:
             queries = sorted({int(row_query[row]) for row in error.rows})
             raise NonFiniteInputError(
                 f"The encoder's hidden states hold NaN or inf for query(s) {queries} (encoder in "
-                f"{context_hidden.dtype}; in half precision it can overflow: try float32 or bfloat16).",
+                f"{hidden.dtype}; in half precision it can overflow: try float32 or bfloat16).",
                 queries,
             ) from error
-        memory = self._align(memory, memory_mask)
-        sample_memory, sample_mask = _rows_to_samples(memory, memory_mask, row_query, num_queries)
-        sample_memory = sample_memory.to(self.get_input_embeddings().weight.dtype)
-        if not return_details:
-            return sample_memory, sample_mask
-        return (
-            sample_memory,
-            sample_mask,
-            _details_per_query(details[0], memory_mask, segment_mask, contexts, row_index, row_query, context_index),
-        )
 
     def _context_rows(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> COMIContextEncoding:
         context_mask = self._real_tokens(input_ids, attention_mask, "input_ids", "attention_mask")
         _require_non_empty(context_mask, "context")
-        return _segment_contexts(input_ids, context_mask, self.config.segment_size)
+        return segment_contexts(input_ids, context_mask, self.config.segment_size)
 
-    def _real_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str) -> torch.Tensor:
-        vocab_size = self.get_input_embeddings().num_embeddings
-        return _real_token_mask(ids, mask, ids_name, mask_name, vocab_size)
+    def _real_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str):
+        return _real_token_mask(ids, mask, ids_name, mask_name, self.get_input_embeddings().num_embeddings)
 
     def _encode_rows(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int, use_cache: bool = False
@@ -460,10 +376,10 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         the encoder's working memory at one segment per sample however long the contexts are.
         Rows go longest first and each pass is cut to its longest row, so little padding is
         encoded; on the CPU a pass holds rows of one length only, because attention with a
-        padding mask is about 3x slower there than without one and batching rows gains nothing.
-        Rows are right-padded and the encoder is causal, so a row's result does not depend on
-        its pass. Returns the last hidden states `(rows, len, hidden)` and, with `use_cache`, the
-        key/value cache of every layer, `(rows, kv_heads, len, head_dim)` each.
+        padding mask costs more there than batching rows gains (docs/performance.md). Rows are
+        right-padded and the encoder is causal, so a row's result does not depend on its pass.
+        Returns the last hidden states `(rows, len, hidden)` and, with `use_cache`, the key/value
+        cache of every layer, `(rows, kv_heads, len, head_dim)` each.
         """
         num_rows, width = input_ids.shape
         lengths = attention_mask.sum(1)
@@ -486,25 +402,17 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask[rows, :length].long(),
                 use_cache=use_cache,
             )
+            layers = output.cache.layers if use_cache else []
             if end - start == num_rows and length == width and bool((order[1:] > order[:-1]).all()):
                 # One pass over every row in its own order, no padding column: nothing to place.
-                key_values = [(layer.keys, layer.values) for layer in output.cache.layers] if use_cache else None
-                return output.last_hidden_state, key_values
+                return output.last_hidden_state, [(layer.keys, layer.values) for layer in layers] if use_cache else None
             if hidden is None:
                 hidden = output.last_hidden_state.new_zeros(num_rows, width, output.last_hidden_state.shape[-1])
+                key_values = [_placed_like(layer, num_rows, width) for layer in layers] if use_cache else None
             hidden[rows, :length] = output.last_hidden_state
-            if use_cache:
-                if key_values is None:
-                    key_values = [
-                        (
-                            layer.keys.new_zeros(num_rows, *layer.keys.shape[1:2], width, *layer.keys.shape[3:]),
-                            layer.values.new_zeros(num_rows, *layer.values.shape[1:2], width, *layer.values.shape[3:]),
-                        )
-                        for layer in output.cache.layers
-                    ]
-                for (keys, values), layer in zip(key_values, output.cache.layers, strict=True):
-                    keys[rows, :, :length] = layer.keys
-                    values[rows, :, :length] = layer.values
+            for (keys, values), layer in zip(key_values or [], layers, strict=True):
+                keys[rows, :, :length] = layer.keys
+                values[rows, :, :length] = layer.values
             start = end
         return hidden, key_values
 
@@ -541,16 +449,144 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         return self.lsa(inputs_embeds=memory, attention_mask=memory_mask.long(), use_cache=False).last_hidden_state
 
     def _resolve_merge_size(self, merge_size: int | None) -> int:
-        if merge_size is None:
-            if self.training and self.config.merge_sizes:
-                choice = torch.randint(len(self.config.merge_sizes), ()).item()
-                return self.config.merge_sizes[choice]
-            return self.config.merge_size
-        if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
-            raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
-        return merge_size
+        if merge_size is not None:
+            return check_merge_size(merge_size)
+        if self.training and self.config.merge_sizes:
+            return draw_merge_size(self.config.merge_sizes)
+        return self.config.merge_size
 
-    # ------------------------------------------------------------------ forward
+
+class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
+    """COMI: encoder → MIG compressor → LSA → decoder.
+
+    Build one from a decoder-only backbone with [`~COMIForConditionalGeneration.from_backbone`],
+    load a COMI checkpoint with `from_pretrained`, and answer with [`~COMIForConditionalGeneration.generate`].
+    """
+
+    _keys_to_ignore_on_load_unexpected = None
+
+    def _add_decoder_side(self, config: COMIConfig) -> None:
+        self.decoder = AutoModelForCausalLM.from_config(config.text_config)
+        # `labels` hold the answer alone, and every answer token is predicted (the first from the
+        # query's last position): not a causal-LM loss over the labels' own sequence. This tells
+        # `Trainer` to count every label, not `labels[..., 1:]`, when it normalises the loss.
+        self.loss_type = None
+        self.generation_config = official_generation_config(config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.decoder.set_output_embeddings(new_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """Resize the decoder's and the encoder's token embeddings together."""
+        self.encoder.resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | dict | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+        **config_overrides,
+    ) -> COMIForConditionalGeneration:
+        """Build a COMI model from a decoder-only checkpoint (Hub id or local directory).
+
+        The decoder is the checkpoint itself; the encoder is a copy of its first
+        `encoder_layers` layers plus its embeddings and final norm; the LSA block is a copy of
+        its first `num_mem_fusion_layers` layers plus its final norm (SPEC §1).
+
+        Args:
+            pretrained_model_name_or_path: the backbone (Qwen2, Qwen3, Llama, Mistral, ...).
+            dtype, device_map, attn_implementation: as in `from_pretrained`.
+            revision, token, cache_dir, local_files_only, trust_remote_code: Hub options.
+            **config_overrides: [`COMIConfig`] fields, e.g. `encoder_layers=8, merge_size=16`.
+        """
+        hub = {
+            "revision": revision,
+            "token": token,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "trust_remote_code": trust_remote_code,
+        }
+        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        if getattr(backbone_config, "model_type", None) == COMIConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is already a COMI model: load it with "
+                "`COMIForConditionalGeneration.from_pretrained`."
+            )
+        config = COMIConfig(text_config=backbone_config, **config_overrides)
+        # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
+        # would report as missing at length; drop that report and check the loading here instead.
+        report_logger = hf_logging.get_logger("transformers.modeling_utils")
+        report_logger.addFilter(_drop_loading_report)
+        try:
+            # transformers' own loading, not COMI's (which refuses the missing encoder and LSA).
+            model, loading_info = super(COMIPreTrainedModel, cls).from_pretrained(
+                pretrained_model_name_or_path,
+                config=config,
+                key_mapping=_BACKBONE_KEY_MAPPING,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                dtype=dtype,
+                device_map=device_map,
+                attn_implementation=attn_implementation,
+                **hub,
+            )
+        finally:
+            report_logger.removeFilter(_drop_loading_report)
+        problems = loading_problems(
+            [key for key in loading_info.get("missing_keys", ()) if not _NOT_IN_BACKBONE.match(key)],
+            loading_info.get("unexpected_keys", ()),
+            [str(entry) for entry in loading_info.get("mismatched_keys", ())],
+        )
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
+        # transformers remembers the key mapping used to load and reverts it on save; this model
+        # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
+        vars(model).pop("_weight_conversions", None)
+        # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
+        # only to weights found in the checkpoint.
+        model.compressor.float()
+        model.copy_backbone_into_encoder_and_lsa()
+        model.generation_config = official_generation_config(model.config)
+        return model
+
+    @torch.no_grad()
+    def copy_backbone_into_encoder_and_lsa(self) -> None:
+        """(Re)initialise the encoder and the LSA block from the decoder's weights (SPEC §1)."""
+        source = dict(self.decoder.get_decoder().state_dict(keep_vars=True))
+        targets = [self.encoder] + ([self.lsa] if self.config.num_mem_fusion_layers > 0 else [])
+        for target in targets:
+            for name, tensor in target.state_dict(keep_vars=True).items():
+                if name not in source:
+                    raise KeyError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
+                # Under DeepSpeed ZeRO-3 (`zero.Init`, which `from_pretrained` enters whenever a ZeRO-3
+                # config is active) each process holds an empty shard: gather the pair, copy, and let
+                # rank 0's copy be re-partitioned. Gathered one pair at a time, never the whole model.
+                with _gathered([source[name], tensor]):
+                    if source[name].is_meta or tensor.is_meta:
+                        raise RuntimeError(
+                            "Cannot copy the backbone into the encoder while weights are offloaded (meta device); "
+                            "load without CPU/disk offload, save, then use `from_pretrained`."
+                        )
+                    tensor.data.copy_(source[name].data.to(device=tensor.device, dtype=tensor.dtype))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -581,21 +617,9 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
         Each sample is packed without gaps and right-padded, so a batch gives every sample the
         result it gets alone.
         """
-        if (input_ids is None and memory is None) or query_ids is None:
-            raise ValueError("COMI needs both a context (`input_ids` or `memory`) and a query (`query_ids`).")
-        if memory is None:
-            memory, memory_mask = self.compress(input_ids, attention_mask, query_ids, query_attention_mask, merge_size)
-        elif input_ids is not None or merge_size is not None:
-            raise ValueError("Give the contexts as `input_ids` (and `merge_size`) or as compressed `memory`, not both.")
-        else:
-            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
-        embed = self.get_input_embeddings()
-        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        parts = [(memory, memory_mask), (embed(query_ids.masked_fill(~query_mask, 0)), query_mask)]
-        label_parts = [
-            (torch.full(memory_mask.shape, -100, device=memory.device), memory_mask),
-            (torch.full(query_ids.shape, -100, device=memory.device), query_mask),
-        ]
+        memory, memory_mask, query_mask = self._memory_and_query(
+            input_ids, attention_mask, query_ids, query_attention_mask, merge_size, memory
+        )
         if labels is not None:
             if (
                 not isinstance(labels, torch.Tensor)
@@ -607,14 +631,11 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
                     f"`labels` must be a ({query_ids.shape[0]}, answer_len) tensor of token ids (-100 on padding), "
                     f"got {_describe(labels)}."
                 )
-            answer_mask = labels != -100
-            _check_vocabulary(labels[answer_mask], "labels", embed.num_embeddings)
-            parts.append((embed(labels.masked_fill(~answer_mask, 0)), answer_mask))
-            label_parts.append((labels, answer_mask))
-        inputs_embeds, decoder_mask = _pack(parts, left_pad=False)
-        decoder_labels = _pack(label_parts, left_pad=False, fill=-100)[0] if labels is not None else None
+            _check_vocabulary(labels[labels != -100], "labels", self.get_input_embeddings().num_embeddings)
+        inputs_embeds, decoder_mask, decoder_labels = decoder_inputs(
+            self.get_input_embeddings(), memory, memory_mask, query_ids, query_mask, labels
+        )
         self._warn_past_positions(inputs_embeds.shape[1])
-
         outputs = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=decoder_mask.long(),
@@ -633,7 +654,29 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    # ------------------------------------------------------------------ generation
+    def _memory_and_query(
+        self, input_ids, attention_mask, query_ids, query_attention_mask, merge_size, memory, **compress_kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The memory (compressed here, or given) and the query's real-token mask."""
+        has_context = input_ids is not None or compress_kwargs.get("context_encoding") is not None
+        if query_ids is None or (memory is None and not has_context):
+            raise ValueError(
+                "COMI needs a context (`input_ids`, `context_encoding` or `memory`) and a query (`query_ids`)."
+            )
+        if memory is None:
+            memory, memory_mask = self.compress(
+                input_ids, attention_mask, query_ids, query_attention_mask, merge_size, **compress_kwargs
+            )
+        elif has_context or merge_size is not None:
+            raise ValueError(
+                "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
+                "`memory`, not both."
+            )
+        else:
+            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
+        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+        return memory, memory_mask, query_mask
+
     @torch.no_grad()
     def generate(
         self,
@@ -676,53 +719,22 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             if input_ids is not None or query_ids is not None:
                 raise ValueError("Pass either text (`context=`, `query=`) or token ids, not both.")
             input_ids, attention_mask, query_ids, query_attention_mask = _tokenize_text(context, query, tokenizer)
-        has_context = input_ids is not None or context_encoding is not None or memory is not None
-        if query_ids is None or not has_context:
-            raise ValueError(
-                "`generate` needs a context and a query: token ids (`input_ids`, `query_ids`) or text "
-                "(`context=`, `query=`, `tokenizer=`)."
-            )
-        if memory is None:
-            memory, memory_mask = self.compress(
-                input_ids,
-                attention_mask,
-                query_ids,
-                query_attention_mask,
-                merge_size,
-                context_encoding=context_encoding,
-                context_index=context_index,
-            )
-        elif input_ids is not None or context_encoding is not None or merge_size is not None:
-            raise ValueError(
-                "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
-                "`memory`, not both."
-            )
-        else:
-            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
-        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        query_embeds = self.get_input_embeddings()(query_ids.masked_fill(~query_mask, 0))
-        inputs_embeds, decoder_mask = _pack([(memory, memory_mask), (query_embeds, query_mask)], left_pad=True)
-
-        # Resolve the settings as `generate` does (call arguments > the given config > the
-        # model's), so that the repetition penalty in force is known here.
-        generation_config = copy.deepcopy(
-            generation_config if generation_config is not None else self.generation_config
+        memory, memory_mask, query_mask = self._memory_and_query(
+            input_ids,
+            attention_mask,
+            query_ids,
+            query_attention_mask,
+            merge_size,
+            memory,
+            **({"context_encoding": context_encoding} if context_encoding is not None else {}),
+            **({"context_index": context_index} if context_index is not None else {}),
         )
-        generation_config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
-        generate_kwargs = generation_config.update(**kwargs)
-        new_tokens = generation_config.max_new_tokens
-        if new_tokens is None:
-            new_tokens = max(generation_config.max_length - inputs_embeds.shape[1], 0)
-        self._warn_past_positions(inputs_embeds.shape[1], new_tokens)
-        processors = LogitsProcessorList(logits_processor or [])
-        penalty = generation_config.repetition_penalty
-        # `generate` skips each sample's left-padding length of the token history when it
-        # applies this penalty; with an embeddings prompt that history holds only new tokens,
-        # so padded samples would escape it. Apply it here, over all of them, and keep the
-        # decoder from adding its own.
-        generation_config.repetition_penalty = 1.0
-        if penalty is not None and penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+        inputs_embeds, decoder_mask, _ = decoder_inputs(
+            self.get_input_embeddings(), memory, memory_mask, query_ids, query_mask, left_pad=True
+        )
+        generation_config, processors, generate_kwargs = self._generation_settings(
+            generation_config, logits_processor, kwargs, inputs_embeds.shape[1]
+        )
         # The decoder fills unset generation values from its own generation config: make it ours.
         self.decoder.generation_config = self.generation_config
         return self.decoder.generate(
@@ -732,6 +744,65 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             logits_processor=processors,
             **generate_kwargs,
         )
+
+    def _generation_settings(self, generation_config, logits_processor, kwargs: dict, prompt_len: int):
+        """Resolve the settings as `generate` does (call arguments > the given config > the
+        model's), so that the repetition penalty in force is known here."""
+        generation_config = copy.deepcopy(
+            generation_config if generation_config is not None else self.generation_config
+        )
+        generation_config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        generate_kwargs = generation_config.update(**kwargs)
+        new_tokens = generation_config.max_new_tokens
+        if new_tokens is None:
+            new_tokens = max(generation_config.max_length - prompt_len, 0)
+        self._warn_past_positions(prompt_len, new_tokens)
+        processors = LogitsProcessorList(logits_processor or [])
+        penalty = generation_config.repetition_penalty
+        # `generate` skips each sample's left-padding length of the token history when it
+        # applies this penalty; with an embeddings prompt that history holds only new tokens,
+        # so padded samples would escape it. Apply it here, over all of them, and keep the
+        # decoder from adding its own.
+        generation_config.repetition_penalty = 1.0
+        if penalty is not None and penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+        return generation_config, processors, generate_kwargs
+
+    def export_decoder(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
+        """Save the decoder alone as a causal-LM directory that vLLM serves unchanged.
+
+        Writes the decoder's config and weights (safetensors), a generation config with this
+        model's EOS and length settings, and `tokenizer` if given. vLLM then decodes COMI's
+        `[memory ; query]` inputs sent as prompt embeddings (see `COMIPromptEncoder`). The
+        repetition penalty is left out of that generation config: vLLM's own penalty also counts
+        placeholder prompt ids for prompt embeddings, and `comi_hf`'s clients send the penalty to
+        comi_hf's vLLM logits processor instead.
+        """
+        lora = [name for name, _ in self.decoder.named_parameters() if "lora_" in name]
+        if lora:
+            raise ValueError(f"The decoder still holds LoRA adapters ({lora[0]}, ...): merge them first.")
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"vLLM serves float32, float16 or bfloat16 weights, not {dtype}: convert the model first.")
+        text_config = self.decoder.config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        if head_dim < 32:
+            logger.warning(
+                "The decoder's head_dim is %d: vLLM's CPU attention backend refuses head dims below 32 "
+                "(GPU backends may serve it).",
+                head_dim,
+            )
+        self.decoder.save_pretrained(save_directory)
+        settings = self.generation_config
+        GenerationConfig(
+            do_sample=bool(settings.do_sample),
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=settings.eos_token_id,
+            pad_token_id=settings.pad_token_id,
+            bos_token_id=settings.bos_token_id,
+        ).save_pretrained(save_directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
 
     def _warn_past_positions(self, decoder_len: int, new_tokens: int = 0) -> None:
         """Warn (once per model) when the decoder reads more positions than it was trained for."""
@@ -751,10 +822,13 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save weights (safetensors), config, generation config and the remote code, pipeline included.
 
-        The directory then loads with `AutoModel`/`AutoModelForCausalLM.from_pretrained(...,
-        trust_remote_code=True)` and with `pipeline(model=directory, trust_remote_code=True)`
-        (task `comi-qa` inferred) where `comi_hf` is not installed.
+        The config records learnt MIG weights as their current values. The directory then loads
+        with `AutoModel`/`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and
+        with `pipeline(model=directory, trust_remote_code=True)` (task `comi-qa` inferred) where
+        `comi_hf` is not installed.
         """
+        for name, param in self.compressor.named_parameters(recurse=False):
+            setattr(self.config, name, float(param.detach()))
         # `register_for_auto_class` records one Auto class; both should load this model.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         module = type(self).__module__.rsplit(".", 1)[-1]
@@ -767,30 +841,105 @@ class COMIForConditionalGeneration(COMIPreTrainedModel, GenerationMixin):
             vars(self.config).pop("custom_pipelines", None)
 
 
+class COMIPromptEncoder(COMICompressionModel):
+    """COMI without the decoder's layers: builds the decoder's input for a decoder served elsewhere.
+
+    It holds the encoder, the MIG compressor, the LSA and the decoder's token embedding table,
+    read from a saved COMI directory (`from_pretrained`); the decoder's layers and LM head are
+    never loaded. [`prompt_embeds`] gives each query's `[memory ; query]` embeddings, exactly the
+    rows `COMIForConditionalGeneration.generate` feeds its decoder.
+    """
+
+    def _add_decoder_side(self, config: COMIConfig) -> None:
+        text_config = config.get_text_config()
+        self.embed_tokens = nn.Embedding(text_config.vocab_size, text_config.hidden_size)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if not isinstance(config, COMIConfig):
+            config = COMIConfig.from_pretrained(pretrained_model_name_or_path, **_hub_subset(kwargs))
+        with torch.device("meta"):
+            decoder = AutoModelForCausalLM.from_config(config.get_text_config())
+        table = next(name for name, module in decoder.named_modules() if module is decoder.get_input_embeddings())
+        key_mapping = {rf"^decoder\.{re.escape(table)}\.": "embed_tokens.", **kwargs.pop("key_mapping", {})}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, key_mapping=key_mapping, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # The settings answers are generated with (elsewhere): the saved ones, else the official ones.
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, **_hub_subset(kwargs)
+            )
+        except OSError:
+            model.generation_config = official_generation_config(model.config)
+        return loaded
+
+    @torch.no_grad()
+    def prompt_embeds(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        merge_size: int | None = None,
+        **compress_kwargs,
+    ) -> list[torch.Tensor]:
+        """Each query's decoder input `[memory ; query]`, `(memory_len + query_len, hidden)`, unpadded.
+
+        Takes [`compress`]'s arguments (`context_encoding=`, `context_index=`, ...).
+        """
+        memory, memory_mask = self.compress(
+            input_ids, attention_mask, query_ids, query_attention_mask, merge_size, **compress_kwargs
+        )
+        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+        embeds, mask, _ = decoder_inputs(self.embed_tokens, memory, memory_mask, query_ids, query_mask)
+        return [row[row_mask] for row, row_mask in zip(embeds, mask, strict=True)]
+
+
 # ---------------------------------------------------------------------- helpers
+_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "force_download")
+
+
+def _hub_subset(kwargs: dict) -> dict:
+    return {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
+
+
 def _drop_loading_report(record: logging.LogRecord) -> bool:
     return record.funcName != "log_state_dict_report"
 
 
-def _loading_problems(loading_info: dict, expected_missing: re.Pattern | None = None) -> str:
-    """What a `from_pretrained` loading report says went wrong, or an empty string."""
-    missing = sorted(
-        key for key in loading_info.get("missing_keys", ()) if not (expected_missing and expected_missing.match(key))
-    )
-    unexpected = sorted(loading_info.get("unexpected_keys", ()))
-    mismatched = [str(entry) for entry in loading_info.get("mismatched_keys", ())]
+def loading_problems(missing, unexpected, mismatched) -> str:
+    """What went wrong loading weights, in one line (at most 10 keys of each kind), or ``""``."""
     problems = []
     for what, keys in (("missing weights", missing), ("unexpected weights", unexpected), ("wrong shapes", mismatched)):
+        keys = sorted(keys)
         if keys:
             more = f" (and {len(keys) - 10} more)" if len(keys) > 10 else ""
             problems.append(f"{what}: {', '.join(keys[:10])}{more}")
     return "; ".join(problems)
 
 
-def _check_backbone_loading(path: str | os.PathLike, loading_info: dict) -> None:
-    problems = _loading_problems(loading_info, expected_missing=_NOT_IN_BACKBONE)
-    if problems:
-        raise ValueError(f"{path} does not match its own config as a decoder-only backbone: {problems}")
+def _gathered(tensors: list[torch.Tensor]):
+    """DeepSpeed ZeRO-3's `GatheredParameters` over `tensors` where any is a partitioned parameter
+    (changes made on rank 0 are kept), else a no-op context."""
+    partitioned = [tensor for tensor in tensors if hasattr(tensor, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
+def _placed_like(layer, num_rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros for every row's keys and values of a cache layer, `width` positions long."""
+    keys, values = layer.keys, layer.values
+    return (
+        keys.new_zeros(num_rows, keys.shape[1], width, *keys.shape[3:]),
+        values.new_zeros(num_rows, values.shape[1], width, *values.shape[3:]),
+    )
 
 
 def _real_token_mask(
@@ -825,12 +974,8 @@ def _check_vocabulary(ids: torch.Tensor, name: str, vocab_size: int) -> None:
 
 
 def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `(memory, memory_attention_mask)` pair of [`COMIForConditionalGeneration.compress`], checked."""
-    if not isinstance(memory, (tuple, list)) or len(memory) != 2:
-        raise ValueError(
-            f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, got {_describe(memory)}."
-        )
-    vectors, mask = memory
+    """The `(memory, memory_attention_mask)` pair of `compress`, checked."""
+    vectors, mask = memory if isinstance(memory, (tuple, list)) and len(memory) == 2 else (memory, None)
     if (
         not isinstance(vectors, torch.Tensor)
         or not isinstance(mask, torch.Tensor)
@@ -841,7 +986,7 @@ def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch
         raise ValueError(
             f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, "
             f"`({num_queries}, memory_len, hidden)` and `({num_queries}, memory_len)` for {num_queries} queries; "
-            f"got {_describe(vectors)} and {_describe(mask)}."
+            f"got {_describe(memory)}."
         )
     return vectors, mask.bool()
 
@@ -849,6 +994,8 @@ def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {', '.join(_describe(item) for item in value)}"
     return f"a {type(value).__name__}"
 
 
@@ -876,194 +1023,6 @@ def _tokenize_text(context, query, tokenizer):
         encoded.append(encode_texts(tokenizer, texts))
     (context_ids, context_mask), (query_ids, query_mask) = encoded
     return context_ids, context_mask, query_ids, query_mask
-
-
-@dataclass
-class COMIContextEncoding:
-    """Contexts cut into segments (one row each) and, once encoded, their encoder outputs.
-
-    Made by [`COMIForConditionalGeneration.encode_context`]; pass it as `context_encoding=` to
-    `compress` or `generate` to ask any number of questions about the same contexts.
-    """
-
-    input_ids: torch.Tensor  # (rows, segment_len) segment token ids, right-padded
-    context_mask: torch.Tensor  # (rows, segment_len) bool, real tokens
-    sample: torch.Tensor  # (rows,) context of each row, non-decreasing
-    segment_start: torch.Tensor  # (rows,) position of the segment's first token in its context
-    context_lengths: torch.Tensor  # (batch,) real tokens per context
-    hidden_states: torch.Tensor | None = None  # (rows, segment_len, hidden) encoder output
-    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # encoder cache, per layer
-
-    @property
-    def batch_size(self) -> int:
-        return self.context_lengths.shape[0]
-
-
-@dataclass
-class COMICompressionDetails:
-    """Where each context token went, per query: the material of explanations.
-
-    Attributes:
-        token_memory: `(queries, context_len)` index of the memory vector each context token
-            (real tokens in order, left-justified) was fused into; -1 past the context's end.
-        token_weight: `(queries, context_len)` the token's fusion weight inside its group.
-        context_lengths: `(queries,)` real context tokens.
-        memory_lengths: `(queries,)` memory vectors.
-    """
-
-    token_memory: torch.Tensor
-    token_weight: torch.Tensor
-    context_lengths: torch.Tensor
-    memory_lengths: torch.Tensor
-
-
-def _left_justify(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's real tokens to the front, keeping their order; returns ids and lengths."""
-    lengths = mask.sum(dim=1)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return torch.gather(ids, 1, order), lengths
-
-
-def _segment_contexts(input_ids: torch.Tensor, context_mask: torch.Tensor, segment_size: int) -> COMIContextEncoding:
-    """One row per (context, segment of `segment_size` tokens), right-padded."""
-    device = input_ids.device
-    context, context_len = _left_justify(input_ids, context_mask)
-    segments_per_sample = (context_len + segment_size - 1) // segment_size
-    sample = torch.repeat_interleave(torch.arange(input_ids.shape[0], device=device), segments_per_sample)
-    first_row = segments_per_sample.cumsum(0) - segments_per_sample
-    segment_start = (torch.arange(sample.numel(), device=device) - first_row[sample]) * segment_size
-    segment_len = (context_len[sample] - segment_start).clamp_max(segment_size)
-    position = torch.arange(int(segment_len.max()), device=device)[None, :]
-    in_segment = position < segment_len[:, None]
-    index = (segment_start[:, None] + position).clamp_max(context.shape[1] - 1)
-    return COMIContextEncoding(
-        input_ids=context[sample[:, None], index].masked_fill(~in_segment, 0),
-        context_mask=in_segment,
-        sample=sample,
-        segment_start=segment_start,
-        context_lengths=context_len,
-    )
-
-
-def _context_index(
-    context_index: torch.Tensor | None, num_contexts: int, num_queries: int, device: torch.device
-) -> torch.Tensor:
-    if context_index is None:
-        if num_contexts == num_queries:
-            return torch.arange(num_queries, device=device)
-        if num_contexts == 1:
-            return torch.zeros(num_queries, dtype=torch.long, device=device)
-        raise ValueError(
-            f"Got {num_contexts} contexts but `query_ids` holds {num_queries} queries; pass `context_index` "
-            "to say which context each query is about."
-        )
-    context_index = torch.as_tensor(context_index, device=device)
-    if context_index.shape != (num_queries,) or context_index.dtype not in (torch.long, torch.int):
-        raise ValueError(f"`context_index` must hold one context index per query ({num_queries}).")
-    if num_queries and (context_index.min() < 0 or context_index.max() >= num_contexts):
-        raise ValueError(f"`context_index` must point at one of the {num_contexts} contexts.")
-    return context_index.long()
-
-
-def _rows_for_queries(
-    row_sample: torch.Tensor, context_index: torch.Tensor, num_contexts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context rows each query needs, in (query, segment) order: row indices and their query."""
-    rows_per_context = torch.bincount(row_sample, minlength=num_contexts)
-    first_row = rows_per_context.cumsum(0) - rows_per_context
-    rows_per_query = rows_per_context[context_index]
-    row_query = torch.repeat_interleave(torch.arange(context_index.numel(), device=row_sample.device), rows_per_query)
-    first_of_query = rows_per_query.cumsum(0) - rows_per_query
-    offset = torch.arange(row_query.numel(), device=row_sample.device) - first_of_query[row_query]
-    return first_row[context_index[row_query]] + offset, row_query
-
-
-def _concatenate_rows(
-    segment_ids: torch.Tensor, segment_mask: torch.Tensor, query_ids: torch.Tensor, query_len: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`[segment ; query]` rows, right-padded: ids, real-token mask, segment mask, query mask."""
-    segment_len = segment_mask.sum(1)
-    row_len = segment_len + query_len
-    position = torch.arange(int(row_len.max()), device=segment_ids.device)[None, :]
-    in_segment = position < segment_len[:, None]
-    in_row = position < row_len[:, None]
-    segment_index = position.clamp_max(segment_ids.shape[1] - 1).expand(segment_ids.shape[0], -1)
-    query_index = (position - segment_len[:, None]).clamp(0, query_ids.shape[1] - 1)
-    ids = torch.where(in_segment, segment_ids.gather(1, segment_index), query_ids.gather(1, query_index))
-    return ids.masked_fill(~in_row, 0), in_row, in_segment, in_row & ~in_segment
-
-
-def _details_per_query(
-    row_details: MIGDetails,
-    memory_mask: torch.Tensor,
-    segment_mask: torch.Tensor,
-    contexts: COMIContextEncoding,
-    row_index: torch.Tensor,
-    row_query: torch.Tensor,
-    context_index: torch.Tensor,
-) -> COMICompressionDetails:
-    """Map the per-row compression details back onto each query's whole context."""
-    num_queries = context_index.numel()
-    context_lengths = contexts.context_lengths[context_index]
-    memory_per_row = memory_mask.sum(1)
-    memory_before_row = memory_per_row.cumsum(0) - memory_per_row
-    memory_lengths = torch.zeros(num_queries, dtype=torch.long, device=row_query.device).index_add(
-        0, row_query, memory_per_row
-    )
-    memory_before_query = memory_lengths.cumsum(0) - memory_lengths
-    row_offset = memory_before_row - memory_before_query[row_query]
-    row, position = segment_mask.nonzero(as_tuple=True)
-    column = contexts.segment_start[row_index][row] + position
-    width = int(context_lengths.max())
-    token_memory = torch.full((num_queries, width), -1, dtype=torch.long, device=row.device)
-    token_memory[row_query[row], column] = row_details.token_memory[row, position] + row_offset[row]
-    token_weight = torch.zeros((num_queries, width), dtype=row_details.token_weight.dtype, device=row.device)
-    token_weight[row_query[row], column] = row_details.token_weight[row, position]
-    return COMICompressionDetails(token_memory, token_weight, context_lengths, memory_lengths)
-
-
-def _rows_to_samples(
-    values: torch.Tensor, mask: torch.Tensor, row_sample: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the real entries of each sample's rows, in row order: `(batch, total, ...)`, right-padded."""
-    row, column = mask.nonzero(as_tuple=True)
-    sample = row_sample[row]
-    counts = torch.bincount(sample, minlength=batch_size)
-    rank = torch.arange(sample.numel(), device=sample.device) - (counts.cumsum(0) - counts)[sample]
-    out = values.new_zeros((batch_size, int(counts.max())) + tuple(values.shape[2:]))
-    out = out.index_put((sample, rank), values[row, column])
-    out_mask = torch.arange(out.shape[1], device=out.device)[None, :] < counts[:, None]
-    return out, out_mask
-
-
-def _pack(
-    parts: list[tuple[torch.Tensor, torch.Tensor]], left_pad: bool, fill: float = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate each sample's real entries of every part, without gaps.
-
-    `parts` are `(values (batch, len_k, ...), mask (batch, len_k))`; the result is
-    `(batch, total, ...)` padded with `fill` on the left (`left_pad`) or the right, and its mask.
-    """
-    lengths = [mask.sum(dim=1) for _, mask in parts]
-    total = torch.stack(lengths).sum(0)
-    width = int(total.max())
-    first_values = parts[0][0]
-    out = torch.full(
-        (first_values.shape[0], width) + tuple(first_values.shape[2:]),
-        fill,
-        dtype=first_values.dtype,
-        device=first_values.device,
-    )
-    offset = width - total if left_pad else torch.zeros_like(total)
-    for (values, mask), length in zip(parts, lengths, strict=True):
-        rank = mask.long().cumsum(dim=1) - 1
-        sample, position = mask.nonzero(as_tuple=True)
-        out = out.index_put((sample, offset[sample] + rank[sample, position]), values[sample, position].to(out.dtype))
-        offset = offset + length
-    start = (width - total) if left_pad else torch.zeros_like(total)
-    column = torch.arange(width, device=out.device)[None, :]
-    out_mask = (column >= start[:, None]) & (column < (start + total)[:, None])
-    return out, out_mask
 
 
 COMIForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")

@@ -15,7 +15,16 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-__all__ = ["PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry", "encode_texts"]
+from .packing import pad_token_lists
+
+__all__ = [
+    "PIPELINE_TASK",
+    "COMIQuestionAnsweringPipeline",
+    "answer_records",
+    "custom_pipelines_entry",
+    "decode_answers",
+    "encode_texts",
+]
 
 PIPELINE_TASK = "comi-qa"
 
@@ -182,48 +191,69 @@ class COMIQuestionAnsweringPipeline(Pipeline):
     def postprocess(self, model_outputs: dict, return_compression: bool = False) -> dict | list[dict]:
         generated = model_outputs["generated"]  # (queries, k, new tokens)
         num_queries, per_query = generated.shape[:2]
-        texts = [
-            text.strip() for text in self.tokenizer.batch_decode(generated.flatten(0, 1), skip_special_tokens=True)
-        ]
+        texts = decode_answers(self.tokenizer, generated.flatten(0, 1))
         answers = [texts[row * per_query : (row + 1) * per_query] for row in range(num_queries)]
         context_ids = model_outputs["input_ids"][0][model_outputs["attention_mask"][0].bool()].tolist()
         context_tokens = len(context_ids)
         memory_tokens = [int(count) for count in model_outputs["memory_tokens"]]
-        ratios = [context_tokens / count for count in memory_tokens]
-        compressions = []
+        compressions = None
         if return_compression:
             token_texts = _token_texts(self.tokenizer, context_ids)
-            for row, count in enumerate(memory_tokens):
-                compressions.append(
-                    _compression_record(
-                        token_texts,
-                        model_outputs["token_memory"][row][:context_tokens].tolist(),
-                        model_outputs["token_weight"][row][:context_tokens].tolist(),
-                        count,
-                    )
+            compressions = [
+                _compression_record(
+                    token_texts,
+                    model_outputs["token_memory"][row][:context_tokens].tolist(),
+                    model_outputs["token_weight"][row][:context_tokens].tolist(),
+                    count,
                 )
-        if model_outputs.get("several_questions", False):
-            result = {
-                "answers": [sequences[0] if per_query == 1 else sequences for sequences in answers],
-                "context_tokens": context_tokens,
-                "memory_tokens": memory_tokens,
-                "compression_ratio": ratios,
-            }
-            if return_compression:
-                result["compressions"] = compressions
-            return result
-        results = []
-        for answer in answers[0]:
-            result = {
-                "answer": answer,
-                "context_tokens": context_tokens,
-                "memory_tokens": memory_tokens[0],
-                "compression_ratio": ratios[0],
-            }
-            if return_compression:
-                result["compression"] = compressions[0]
-            results.append(result)
-        return results[0] if per_query == 1 else results
+                for row, count in enumerate(memory_tokens)
+            ]
+        several = model_outputs.get("several_questions", False)
+        return answer_records(answers, context_tokens, memory_tokens, several, compressions)
+
+
+def decode_answers(tokenizer, sequences) -> list[str]:
+    """Answer texts of generated token ids (special tokens dropped, surrounding spaces stripped)."""
+    return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+
+def answer_records(
+    answers: list[list[str]],
+    context_tokens: int,
+    memory_tokens: list[int],
+    several: bool,
+    compressions: list[dict] | None = None,
+) -> dict | list[dict]:
+    """The `comi-qa` result for the questions about one context (the serving client's too).
+
+    `answers` holds each question's sequences (one, or `num_return_sequences`). One question:
+    `{"answer", "context_tokens", "memory_tokens", "compression_ratio"}`, or a list of such dicts
+    for several sequences; `several` questions: one dict whose `answers`, `memory_tokens` and
+    `compression_ratio` are lists in question order.
+    """
+    ratios = [context_tokens / count for count in memory_tokens]
+    if several:
+        result = {
+            "answers": [sequences[0] if len(sequences) == 1 else sequences for sequences in answers],
+            "context_tokens": context_tokens,
+            "memory_tokens": memory_tokens,
+            "compression_ratio": ratios,
+        }
+        if compressions is not None:
+            result["compressions"] = compressions
+        return result
+    results = []
+    for answer in answers[0]:
+        result = {
+            "answer": answer,
+            "context_tokens": context_tokens,
+            "memory_tokens": memory_tokens[0],
+            "compression_ratio": ratios[0],
+        }
+        if compressions is not None:
+            result["compression"] = compressions[0]
+        results.append(result)
+    return results[0] if len(results) == 1 else results
 
 
 def _pad_right(items: list[dict]) -> dict:
@@ -239,14 +269,7 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tenso
     """Token ids `(len(texts), longest)` and attention mask, without special tokens (as the
     official code does), right-padded with id 0: COMI masks padding everywhere, so this works for
     tokenizers that have no pad token (Llama, Mistral)."""
-    token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    width = max(len(tokens) for tokens in token_lists)
-    input_ids = torch.zeros(len(token_lists), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(token_lists), width, dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[row, : len(tokens)] = 1
-    return input_ids, attention_mask
+    return pad_token_lists(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
 
 
 def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:

@@ -13,12 +13,27 @@ from torch import nn
 
 from .modeling_comi import COMIForConditionalGeneration
 
-__all__ = ["PART_MODES", "finalize_trained_model", "lora_target_pattern", "prepare_for_training"]
+__all__ = [
+    "PART_MODES",
+    "finalize_trained_model",
+    "lora_target_pattern",
+    "prepare_for_training",
+    "weights_without_gradient",
+]
 
 PART_MODES = ("full", "lora", "freeze")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Where each part's transformer layers live inside COMI.
 _LAYER_PREFIX = {"encoder": r"encoder", "lsa": r"lsa", "decoder": r"decoder\.model"}
+
+
+def weights_without_gradient(config) -> list[str]:
+    """The learnable MIG weights that no gradient reaches under `config`'s switches (data-parallel
+    training must then look for unused parameters): `beta_merge` without the fine redundancy
+    term, both without the fine stage."""
+    if not config.learnable_merge_weights or (config.fine_grained and config.fine_redundancy):
+        return []
+    return ["beta_merge"] if config.fine_grained else ["alpha_merge", "beta_merge"]
 
 
 def lora_target_pattern(parts: Sequence[str], target_modules: Sequence[str] = DEFAULT_LORA_TARGETS) -> str:
