@@ -1,0 +1,355 @@
+"""Many concurrent questions about long documents: COMI on vLLM against vLLM with the full context.
+
+A load of Q questions over D documents (each question its own request, all arriving at once)
+is answered three ways by the same random model, whose backbone is shaped like Qwen3-4B in depth
+and vocabulary but tiny in width (`common.qwen3_shaped_model`, head_dim 32):
+
+* (a) `pipeline("comi-qa")` in this process: each document's questions in one call (the
+  document encoded once), documents one after another;
+* (b) `comi-serve` + vLLM: the requests to `comi-serve` (a subprocess), which compresses the
+  requests that arrive together in one pass (and keeps encoded documents in its cache) and has
+  vLLM decode from prompt embeddings;
+* (c) vLLM alone with the full context as plain tokens (`[document ; question]`), prefix caching
+  on as users run it (a document's KV cache serves its next questions).
+
+All three use greedy decoding, a fixed number of new tokens and the official repetition penalty
+1.3. Reported, within one run: answers per second, p50/p95 latency (from the load's start to each
+answer) and the peak memory (RSS) of each process during each phase, and how many of (b)'s
+answers equal (a)'s token for token.
+
+    python bench/serving.py                        # 2K and 8K tokens, 64 questions over 16 documents, merge 8 and 32
+    python bench/serving.py --quick                # a smoke test of the script (tiny sizes): not a measurement
+    python bench/serving.py --device cuda          # the compressor on a GPU (with vLLM's CUDA build)
+
+vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv.sh`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from common import (
+    add_model_arguments,
+    backbone_description,
+    machine_description,
+    model_from_arguments,
+    pyplot,
+    quick_model_arguments,
+    word_tokenizer,
+    write_json,
+)
+from transformers import pipeline
+
+from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+
+
+class PeakRSS:
+    """The peak resident memory of a process and its children, sampled every 50 ms while active."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._running = pid, 0, False
+
+    def _tree(self, pid: int) -> list[int]:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return [pid]
+        return [pid, *(grandchild for child in children for grandchild in self._tree(int(child)))]
+
+    def rss(self) -> int:
+        total = 0
+        for pid in self._tree(self.pid):
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS")), 0)
+        return total
+
+    def __enter__(self):
+        self.peak, self._running = self.rss(), True
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+
+def post(url: str, body: dict, timeout: float = 3600) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+async def burst(send, bodies: list[dict]) -> tuple[list, list[float], float]:
+    """Send every request at once; their results, latencies (from the start) and the makespan."""
+    start = time.perf_counter()
+
+    async def one(body):
+        result = await asyncio.to_thread(send, body)
+        return result, time.perf_counter() - start
+
+    done = await asyncio.gather(*(one(body) for body in bodies))
+    return [result for result, _ in done], [latency for _, latency in done], time.perf_counter() - start
+
+
+def summary(method: str, latencies: list[float], makespan: float, memory: dict) -> dict:
+    ordered = sorted(latencies)
+    return {
+        "method": method,
+        "answers_per_second": len(latencies) / makespan,
+        "seconds": makespan,
+        "p50_latency_seconds": statistics.median(ordered),
+        "p95_latency_seconds": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "peak_rss_bytes": memory,
+    }
+
+
+def run_pipeline(pipe, documents, questions, args) -> tuple[list[list[int]], dict]:
+    """(a): each document's questions in one `pipeline` call, documents in turn."""
+    start = time.perf_counter()
+    answers, latencies = [], []
+    with PeakRSS(os.getpid()) as memory:
+        for document, asked in zip(documents, questions, strict=True):
+            result = pipe(context=document, questions=asked, max_new_tokens=args.new_tokens, merge_size=args.merge)
+            answers += result["answers"]
+            latencies += [time.perf_counter() - start] * len(asked)
+    row = summary(f"(a) pipeline, merge {args.merge}", latencies, time.perf_counter() - start, {"bench": memory.peak})
+    return answers, row
+
+
+def run_comi_serve(url: str, server_pid: int, vllm_pid: int, documents, questions, args) -> tuple[list, dict]:
+    """(b): every question its own request to comi-serve, all at once."""
+    bodies = [
+        {"context": document, "question": question, "merge_size": args.merge, "max_new_tokens": args.new_tokens}
+        for document, asked in zip(documents, questions, strict=True)
+        for question in asked
+    ]
+    with PeakRSS(server_pid) as served, PeakRSS(vllm_pid) as decoder:
+        results, latencies, makespan = asyncio.run(burst(lambda body: post(url + "/v1/answer", body), bodies))
+    memory = {"comi-serve": served.peak, "vLLM": decoder.peak}
+    return [result["answer"] for result in results], summary(
+        f"(b) comi-serve + vLLM, merge {args.merge}", latencies, makespan, memory
+    )
+
+
+def run_full_context(vllm: VLLMServer, model_name: str, tokenizer, documents, questions, args) -> dict:
+    """(c): vLLM with `[document ; question]` as token ids, every question its own request."""
+    bodies = [
+        {
+            "model": model_name,
+            "prompt": tokenizer(document + " " + question, add_special_tokens=False)["input_ids"],
+            "max_tokens": args.new_tokens,
+            "temperature": 0.0,
+            "repetition_penalty": 1.3,
+            "ignore_eos": True,
+        }
+        for document, asked in zip(documents, questions, strict=True)
+        for question in asked
+    ]
+    with PeakRSS(vllm.process.pid) as decoder:
+        _, latencies, makespan = asyncio.run(burst(lambda body: post(vllm.url + "/v1/completions", body), bodies))
+    return summary("(c) vLLM, full context", latencies, makespan, {"vLLM": decoder.peak})
+
+
+def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [shutil.which("comi-serve"), "--model", str(model_dir), "--vllm-url", vllm_url, "--port", str(port)]
+    command += ["--device", args.device, "--max-context-tokens", str(2 * max(args.context_tokens))]
+    command += ["--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return process, url
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"comi-serve did not start; see {log}") from None
+            time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--context-tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--documents", type=int, default=16)
+    parser.add_argument("--questions-per-document", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    add_model_arguments(parser)
+    parser.add_argument("--device", default="cpu", help="where the compressor runs (vLLM picks its own device)")
+    parser.add_argument("--vllm-kv-cache-gib", type=int, default=6, help="vLLM's KV cache on a CPU build (GiB)")
+    parser.add_argument("--vllm-python", default=find_vllm_python(), help="the Python of vLLM's environment")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--markdown", help="write the table here")
+    args = parser.parse_args()
+    if args.quick:
+        quick_model_arguments(args)
+        args.context_tokens, args.merge_sizes, args.documents, args.questions_per_document = [256], [8], 2, 2
+        args.new_tokens, args.vllm_kv_cache_gib = 4, 1
+    if args.vllm_python is None:
+        sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm-python)")
+    if args.quick:
+        print("--quick: tiny sizes, a smoke test of this script; its figures are not measurements")
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="comi-serving-bench-"))
+    longest = max(args.context_tokens) + 64 + args.new_tokens
+    model = model_from_arguments(args, max_positions=longest + 64, merge_size=min(args.merge_sizes))
+    model.generation_config.eos_token_id = None  # every method generates exactly --new-tokens tokens
+    words = [f"w{i}" for i in range(min(2000, args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
+    tokenizer = word_tokenizer(words)
+    model.save_pretrained(work / "comi")
+    tokenizer.save_pretrained(work / "comi")
+    model.export_decoder(work / "decoder", tokenizer)
+    pipe = pipeline("comi-qa", model=model, tokenizer=tokenizer, device=args.device)
+    generator = torch.Generator().manual_seed(0)
+
+    def text(length: int) -> str:
+        return " ".join(words[i] for i in torch.randint(len(words), (length,), generator=generator))
+
+    backbone = backbone_description(args)
+    print(f"{backbone}; compressor on {machine_description(args.device)}; vLLM {args.vllm_python}")
+    rows = []
+    vllm = VLLMServer(
+        args.vllm_python, work / "decoder", max_model_len=longest + 64, log=work / "vllm.log",
+        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)},
+    )  # fmt: skip
+    with vllm:
+        name = str(work / "decoder")
+        server, url = start_comi_serve(work / "comi", vllm.url, args, work / "comi-serve.log")
+        try:
+            for length in args.context_tokens:
+                documents = [text(length) for _ in range(args.documents)]
+                questions = [[text(12) for _ in range(args.questions_per_document)] for _ in documents]
+                total = args.documents * args.questions_per_document
+                print(f"\n{total} questions over {args.documents} documents of {length} tokens", flush=True)
+                full = run_full_context(vllm, name, tokenizer, documents, questions, args)
+                full.update(context_tokens=length)
+                rows.append(full)
+                print(_line(full), flush=True)
+                for merge in args.merge_sizes:
+                    args.merge = merge
+                    answers_a, pipeline_row = run_pipeline(pipe, documents, questions, args)
+                    answers_b, served_row = run_comi_serve(
+                        url, server.pid, vllm.process.pid, documents, questions, args
+                    )
+                    same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
+                    for row in (pipeline_row, served_row):
+                        row.update(context_tokens=length, merge_size=merge)
+                    served_row["answers_equal_pipeline"] = f"{same}/{total}"
+                    served_row["speedup_over_full_context"] = (
+                        served_row["answers_per_second"] / full["answers_per_second"]
+                    )
+                    served_row["speedup_over_pipeline"] = (
+                        served_row["answers_per_second"] / pipeline_row["answers_per_second"]
+                    )
+                    rows += [pipeline_row, served_row]
+                    print(_line(pipeline_row), flush=True)
+                    print(_line(served_row), flush=True)
+            cache = json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())["cache"]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    results = {
+        "quick": args.quick,
+        "backbone": backbone,
+        "machine": machine_description(args.device),
+        "documents": args.documents,
+        "questions_per_document": args.questions_per_document,
+        "new_tokens": args.new_tokens,
+        "comi_serve_cache": cache,
+        "rows": rows,
+    }
+    write_json(args.json, results)
+    table = markdown(rows)
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _line(row: dict) -> str:
+    memory = ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in row["peak_rss_bytes"].items())
+    extra = ""
+    if "speedup_over_full_context" in row:
+        extra = (
+            f" | {row['speedup_over_full_context']:.2f}x full context, {row['speedup_over_pipeline']:.2f}x pipeline; "
+            f"answers equal (a): {row['answers_equal_pipeline']}"
+        )
+    return (
+        f"  {row['method']:<32} {row['answers_per_second']:8.2f} answers/s  p50 {row['p50_latency_seconds']:7.2f} s  "
+        f"p95 {row['p95_latency_seconds']:7.2f} s  peak {memory}{extra}"
+    )
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| context tokens | method | answers/s | p50 latency (s) | p95 latency (s) | peak RSS (GiB) "
+        "| vs full context |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        memory = ", ".join(f"{name} {value / 2**30:.2f}" for name, value in row["peak_rss_bytes"].items())
+        versus = f"{row['speedup_over_full_context']:.2f}x" if "speedup_over_full_context" in row else ""
+        lines.append(
+            f"| {row['context_tokens']} | {row['method']} | {row['answers_per_second']:.2f} | "
+            f"{row['p50_latency_seconds']:.2f} | {row['p95_latency_seconds']:.2f} | {memory} | {versus} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    lengths = sorted({row["context_tokens"] for row in rows})
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        series = {row["context_tokens"]: row for row in rows if row["method"] == method}
+        xs = [position + index * width for position, length in enumerate(lengths) if length in series]
+        left.bar(
+            xs, [series[length]["answers_per_second"] for length in lengths if length in series], width, label=method
+        )
+        right.bar(
+            xs, [series[length]["p95_latency_seconds"] for length in lengths if length in series], width, label=method
+        )
+    for axis, label in ((left, "answers per second"), (right, "p95 latency (s)")):
+        axis.set_xticks(
+            [position + 0.4 - width / 2 for position in range(len(lengths))], [f"{n} tokens" for n in lengths]
+        )
+        axis.set_ylabel(label)
+        axis.set_yscale("log")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

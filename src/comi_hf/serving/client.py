@@ -1,0 +1,273 @@
+"""Answer questions with COMI's compressor here and the decoder on vLLM.
+
+    client = COMIServingClient.from_pretrained("comi-model", vllm_url="http://127.0.0.1:8000")
+    client.answer(context=document, question="...")            # {"answer", "context_tokens", ...}
+    client.answer(context=document, questions=["...", "..."])  # the document encoded once
+    client.answer([{"context": ..., "question": ...}, ...])    # a batch: compressed together
+
+The compressor ([`COMIPromptEncoder`]: encoder, MIG, LSA and the decoder's token embeddings)
+builds each question's decoder input, exactly what `COMIForConditionalGeneration.generate`
+feeds its decoder, and vLLM decodes it from prompt embeddings; all the questions of a call are
+in flight at once, so that vLLM batches them. Results have the shape of `pipeline("comi-qa")`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..configuration_comi import check_merge_size
+from ..modeling_comi import COMIPromptEncoder
+from ..packing import COMIContextEncoding, pad_token_lists
+from ..pipeline_comi import answer_records, decode_answers
+from .cache import EncodedContextCache
+from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
+from .sampling import vllm_sampling
+
+__all__ = ["COMIServingClient", "ContextTooLong", "Question"]
+
+
+class ContextTooLong(ValueError):
+    """A context longer than the client's `max_context_tokens`."""
+
+
+@dataclass
+class Question:
+    """One question about one context, as token ids."""
+
+    context_ids: list[int]
+    query_ids: list[int]
+
+
+class COMIServingClient:
+    """COMI answers from a compressor in this process and a decoder on vLLM.
+
+    Args:
+        prompt_encoder: the compressor side of the COMI model (`COMIPromptEncoder.from_pretrained`).
+        tokenizer: the model's tokenizer.
+        decoder: a [`VLLMServerDecoder`], [`VLLMReplicas`] or a [`VLLMEngineDecoder`].
+        cache_bytes: budget of the encoded-context cache (0: every context is encoded anew).
+        max_context_tokens: longer contexts are refused (`None`: no limit).
+    """
+
+    def __init__(
+        self,
+        prompt_encoder: COMIPromptEncoder,
+        tokenizer,
+        decoder: VLLMServerDecoder | VLLMEngineDecoder,
+        *,
+        cache_bytes: int = 1 << 30,
+        max_context_tokens: int | None = None,
+    ):
+        self.prompt_encoder = prompt_encoder.eval()
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.cache = EncodedContextCache(cache_bytes)
+        self.max_context_tokens = max_context_tokens
+        self.vocab_size = prompt_encoder.get_input_embeddings().num_embeddings
+        self._compress_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected: dict | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        *,
+        vllm_url: str | list[str] | None = None,
+        llm=None,
+        vllm_model: str | None = None,
+        api_key: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = "auto",
+        **kwargs,
+    ) -> COMIServingClient:
+        """The compressor of a saved COMI model (its decoder's layers are not loaded) and a decoder:
+        the vLLM server at `vllm_url` (serving the model's exported decoder; a list of URLs for
+        replicas, each prompt to the least busy), or `llm`, a `vllm.LLM`."""
+        from transformers import AutoTokenizer
+
+        if (vllm_url is None) == (llm is None):
+            raise ValueError("Give the decoder as `vllm_url` (a vLLM server) or as `llm` (a vllm.LLM), one of them.")
+        if llm is not None:
+            decoder = VLLMEngineDecoder(llm)
+        elif isinstance(vllm_url, str):
+            decoder = VLLMServerDecoder(vllm_url, vllm_model, api_key)
+        else:
+            decoder = VLLMReplicas([VLLMServerDecoder(url, vllm_model, api_key) for url in vllm_url])
+        prompt_encoder = COMIPromptEncoder.from_pretrained(model, dtype=dtype).to(device)
+        return cls(prompt_encoder, AutoTokenizer.from_pretrained(model), decoder, **kwargs)
+
+    # ------------------------------------------------------------------ compression
+    def questions(self, inputs) -> tuple[list[Question], list[tuple[int, int, bool]]]:
+        """The questions of `answer`'s inputs, and per input (first question, count, several?)."""
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if not items:
+            raise ValueError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
+        questions, spans = [], []
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise TypeError(
+                    f"Input {position} must be a dict with `context` and `question`, got {type(item).__name__}."
+                )
+            if ("question" in item) == ("questions" in item):
+                raise ValueError(f"Input {position}: give exactly one of `question` and `questions`.")
+            context_ids = self.token_ids(item.get("context"), f"input {position}: `context`")
+            asked = [item["question"]] if "question" in item else item["questions"]
+            if not isinstance(asked, (list, tuple)) or not asked:
+                raise ValueError(f"Input {position}: `questions` must be a non-empty list.")
+            spans.append((len(questions), len(asked), "questions" in item))
+            for number, question in enumerate(asked):
+                query_ids = self.token_ids(question, f"input {position}: question {number}")
+                questions.append(Question(context_ids, query_ids))
+        return questions, spans
+
+    def token_ids(self, value, what: str) -> list[int]:
+        """A text (tokenised without special tokens, as the official code does) or token ids, checked."""
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError(f"{what} is empty.")
+            ids = self.tokenizer(value, add_special_tokens=False)["input_ids"]
+        elif isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            ids = list(value)
+        else:
+            raise TypeError(f"{what} must be a string or a list of token ids, got {type(value).__name__}.")
+        if not ids:
+            raise ValueError(f"{what} has no tokens.")
+        outside = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+        if outside:
+            raise ValueError(
+                f"{what} holds token ids outside the vocabulary of {self.vocab_size} (e.g. {outside[:5]})."
+            )
+        if what.endswith("`context`") and self.max_context_tokens is not None and len(ids) > self.max_context_tokens:
+            raise ContextTooLong(f"{what} has {len(ids)} tokens, more than the limit of {self.max_context_tokens}.")
+        return ids
+
+    @torch.no_grad()
+    def prompt_embeds(self, questions: list[Question], merge_size: int | None = None) -> list[torch.Tensor]:
+        """Each question's decoder input `[memory ; query]`, `(positions, hidden)`, compressed in one batch.
+
+        Each distinct context is encoded once, or taken from the encoded-context cache.
+        """
+        if merge_size is not None:
+            check_merge_size(merge_size)
+        device = self.prompt_encoder.device
+        keys = [EncodedContextCache.key(question.context_ids) for question in questions]
+        distinct = list(dict.fromkeys(keys))
+        contexts = {key: question.context_ids for key, question in zip(keys, questions, strict=True)}
+        # One compression at a time: a model's forward is not meant to run in two threads at once.
+        with self._compress_lock:
+            encodings = {key: self.cache.get(key) for key in distinct}
+            missing = [key for key in distinct if encodings[key] is None]
+            if missing:
+                ids, mask = _padded([contexts[key] for key in missing], device)
+                encoded = self.prompt_encoder.encode_context(ids, mask)
+                for index, key in enumerate(missing):
+                    encodings[key] = encoded.context(index)
+                    self.cache.put(key, encodings[key])
+            query_ids, query_mask = _padded([question.query_ids for question in questions], device)
+            context_index = torch.tensor([distinct.index(key) for key in keys], device=device)
+            return self.prompt_encoder.prompt_embeds(
+                query_ids=query_ids,
+                query_attention_mask=query_mask,
+                merge_size=merge_size,
+                context_encoding=COMIContextEncoding.concatenate([encodings[key] for key in distinct]),
+                context_index=context_index,
+            )
+
+    # ------------------------------------------------------------------ answering
+    async def connect(self) -> dict:
+        """Check the decoder (once): the served model, and comi_hf's repetition-penalty processor."""
+        if self._connected is None:
+            hidden_size = self.prompt_encoder.get_input_embeddings().embedding_dim
+            self._connected = await self.decoder.connect(hidden_size)
+        return self._connected
+
+    def forget_connection(self) -> None:
+        """Check the decoder again at the next call (after it was found unreachable)."""
+        self._connected = None
+
+    async def answer_async(
+        self, inputs=None, *, merge_size: int | None = None, seed: int | None = None, return_token_ids=False, **kwargs
+    ):
+        """[`answer`], awaitable (for an event loop that is already running)."""
+        inputs, generate_kwargs = _inputs_and_settings(inputs, kwargs)
+        sampling = vllm_sampling(self.prompt_encoder.generation_config, seed=seed, **generate_kwargs)
+        questions, spans = self.questions(inputs)
+        embeds = await asyncio.to_thread(self.prompt_embeds, questions, merge_size)
+        await self.connect()
+        completions = await self.decoder.complete_many(embeds, sampling)
+        results = self.results(questions, spans, embeds, completions, return_token_ids)
+        return results if isinstance(inputs, (list, tuple)) else results[0]
+
+    def results(self, questions, spans, embeds, completions, return_token_ids: bool = False) -> list:
+        """Per input, its `pipeline("comi-qa")`-shaped result (see [`questions`] for `spans`)."""
+        results = []
+        for first, count, several in spans:
+            asked = range(first, first + count)
+            answers = [decode_answers(self.tokenizer, [c.token_ids for c in completions[i]]) for i in asked]
+            memory = [embeds[i].shape[0] - len(questions[i].query_ids) for i in asked]
+            result = answer_records(answers, len(questions[first].context_ids), memory, several)
+            if return_token_ids:
+                _attach_token_ids(result, [[c.token_ids for c in completions[i]] for i in asked], several)
+            results.append(result)
+        return results
+
+    def answer(self, inputs=None, **kwargs):
+        """Answer questions about contexts, like `pipeline("comi-qa")`.
+
+        Takes `context=` with `question=` or `questions=`, or a dict / list of dicts with those
+        keys; contexts and questions are texts or token-id lists. Options: `merge_size`, `seed`
+        (reproducible sampling), `return_token_ids` (add each answer's generated ids) and the
+        generation settings of `generate` (`max_new_tokens`, `do_sample`, `temperature`, `top_p`,
+        `top_k`, `repetition_penalty`, `stop_strings`, ...) over the model's (the official
+        evaluation's: greedy, 20 new tokens, repetition penalty 1.3). A setting vLLM cannot
+        reproduce (beam search, ...) is refused with a `ValueError`.
+        """
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self.answer_async(inputs, **kwargs))
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.run_until_complete(self.decoder.aclose())
+            self._loop.close()
+            self._loop = None
+
+
+def _inputs_and_settings(inputs, kwargs: dict):
+    context, question, questions = (
+        kwargs.pop("context", None),
+        kwargs.pop("question", None),
+        kwargs.pop("questions", None),
+    )
+    if inputs is None:
+        if context is None:
+            raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
+        inputs = {"context": context}
+        if question is not None:
+            inputs["question"] = question
+        if questions is not None:
+            inputs["questions"] = questions
+    elif context is not None or question is not None or questions is not None:
+        raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
+    return inputs, kwargs
+
+
+def _attach_token_ids(result, token_ids: list[list[list[int]]], several: bool) -> None:
+    if several:
+        result["token_ids"] = [ids[0] if len(ids) == 1 else ids for ids in token_ids]
+    elif isinstance(result, list):
+        for entry, ids in zip(result, token_ids[0], strict=True):
+            entry["token_ids"] = ids
+    else:
+        result["token_ids"] = token_ids[0][0]
+
+
+def _padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = pad_token_lists(sequences)
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,233 @@
+"""Where the decoder runs: a vLLM server over HTTP, or a vLLM engine in this process.
+
+Both take questions' decoder inputs as prompt embeddings, `(positions, hidden)` each, and give
+back the generated token ids. `complete_many` hands vLLM all of them at once, so that it batches
+them: as concurrent requests to a server, as one call to an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
+
+__all__ = [
+    "Completion",
+    "DecoderError",
+    "DecoderUnavailable",
+    "VLLMEngineDecoder",
+    "VLLMReplicas",
+    "VLLMServerDecoder",
+    "encode_prompt_embeds",
+]
+
+
+@dataclass
+class Completion:
+    """One generated sequence: its token ids (EOS included when it stopped there) and why it ended."""
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+class DecoderError(RuntimeError):
+    """The decoder refused a request (the message says why)."""
+
+
+class DecoderUnavailable(DecoderError):
+    """The decoder cannot be reached."""
+
+
+def encode_prompt_embeds(embeds: torch.Tensor) -> str:
+    """A tensor as vLLM's `prompt_embeds` field wants it: `torch.save` bytes, base64."""
+    buffer = io.BytesIO()
+    torch.save(embeds.detach().to("cpu").contiguous(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VLLMServerDecoder:
+    """A vLLM OpenAI-compatible server started with `--enable-prompt-embeds`.
+
+    Its prompt-embeddings endpoint deserialises the tensors it receives: keep it on loopback or
+    a private network and let clients reach only `comi-serve`.
+
+    Args:
+        url: the server's base URL, e.g. `http://127.0.0.1:8000`.
+        model: the served model's name (default: the only model the server lists).
+        api_key: sent as `Authorization: Bearer ...` when the server was started with one.
+        timeout: seconds to wait for one completion.
+    """
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self.has_output_penalty: bool | None = None
+
+    async def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise DecoderUnavailable(f"the vLLM server at {self.url} cannot be reached ({error!r})") from error
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:500]
+            error_type = DecoderUnavailable if response.status_code >= 500 else DecoderError
+            raise error_type(f"the vLLM server at {self.url} answered {response.status_code}: {message}")
+        return response.json()
+
+    async def connect(self, hidden_size: int) -> dict:
+        """Check the server: its model, and whether it has comi_hf's repetition-penalty processor."""
+        models = await self._request("GET", "/v1/models")
+        names = [entry["id"] for entry in models.get("data", [])]
+        if self.model is None:
+            if len(names) != 1:
+                raise DecoderError(f"the vLLM server at {self.url} serves {names}: name the decoder with `model`")
+            self.model = names[0]
+        elif self.model not in names:
+            raise DecoderError(f"the vLLM server at {self.url} serves {names}, not {self.model}")
+        # The processor refuses a penalty <= 0; a server without it ignores the extra argument.
+        probe = {"max_tokens": 1, "temperature": 0.0, "vllm_xargs": {REPETITION_PENALTY_ARG: -1.0}}
+        try:
+            await self._complete_raw(torch.zeros(1, hidden_size), probe)
+            self.has_output_penalty = False
+        except DecoderError as error:
+            if isinstance(error, DecoderUnavailable) or REPETITION_PENALTY_ARG not in str(error):
+                raise
+            self.has_output_penalty = True
+        return {"model": self.model, "output_repetition_penalty": self.has_output_penalty}
+
+    async def _complete_raw(self, embeds: torch.Tensor, fields: dict) -> dict:
+        body = {"model": self.model, "prompt_embeds": encode_prompt_embeds(embeds), "return_token_ids": True, **fields}
+        return await self._request("POST", "/v1/completions", json=body)
+
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
+        """The `sampling.n` completions of one prompt, in order."""
+        if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
+            raise DecoderError(
+                f"the vLLM server at {self.url} lacks comi_hf's repetition-penalty processor, and vLLM's own "
+                "penalty counts placeholder prompt ids for prompt embeddings (vLLM 0.32): install comi_hf into vLLM's "
+                "environment (`pip install --no-deps comi_hf`) and restart it, or ask with repetition_penalty=1.0"
+            )
+        response = await self._complete_raw(embeds, sampling.request_fields())
+        choices = sorted(response["choices"], key=lambda choice: choice["index"])
+        return [Completion(list(choice["token_ids"]), choice["finish_reason"]) for choice in choices]
+
+    async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
+        """`complete` for every prompt, all requests in flight together."""
+        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class VLLMReplicas:
+    """Several vLLM servers of the same decoder (replicas, e.g. one per GPU): each prompt goes to
+    the replica with the fewest requests in flight; one that cannot be reached is left out until
+    a later `connect` finds it again, and its prompt goes to another. Unavailable only when none
+    answers."""
+
+    def __init__(self, replicas: list[VLLMServerDecoder], retry_after: float = 5.0):
+        if not replicas:
+            raise ValueError("Give at least one vLLM server.")
+        self.replicas = replicas
+        self.in_flight = [0] * len(replicas)
+        self.up = [False] * len(replicas)
+        self.retry_after = retry_after
+        self._hidden_size: int | None = None
+        self._last_check = 0.0
+
+    @property
+    def url(self) -> str:
+        return ", ".join(replica.url for replica in self.replicas)
+
+    async def connect(self, hidden_size: int) -> dict:
+        self._hidden_size, self._last_check = hidden_size, time.monotonic()
+        outcomes = await asyncio.gather(
+            *(replica.connect(hidden_size) for replica in self.replicas), return_exceptions=True
+        )
+        problems = []
+        for index, outcome in enumerate(outcomes):
+            self.up[index] = not isinstance(outcome, BaseException)
+            if isinstance(outcome, DecoderUnavailable):
+                problems.append(str(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        if not any(self.up):
+            raise DecoderUnavailable("; ".join(problems))
+        penalty = all(replica.has_output_penalty for replica, up in zip(self.replicas, self.up, strict=True) if up)
+        reachable = [replica.url for replica, up in zip(self.replicas, self.up, strict=True) if up]
+        return {
+            "model": self.replicas[self.up.index(True)].model,
+            "output_repetition_penalty": penalty,
+            "replicas": reachable,
+        }
+
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
+        while any(self.up):
+            index = min((count, index) for index, count in enumerate(self.in_flight) if self.up[index])[1]
+            self.in_flight[index] += 1
+            try:
+                return await self.replicas[index].complete(embeds, sampling)
+            except DecoderUnavailable:
+                self.up[index] = False
+            finally:
+                self.in_flight[index] -= 1
+        raise DecoderUnavailable(f"none of the vLLM servers {self.url} can be reached")
+
+    async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
+        if (
+            not all(self.up)
+            and self._hidden_size is not None
+            and time.monotonic() - self._last_check > self.retry_after
+        ):
+            with contextlib.suppress(DecoderUnavailable):  # a replica back since the last check rejoins
+                await self.connect(self._hidden_size)
+        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(replica.aclose() for replica in self.replicas))
+
+
+class VLLMEngineDecoder:
+    """A `vllm.LLM` in this process, made with `enable_prompt_embeds=True`.
+
+    comi_hf's repetition-penalty processor must be loaded in it: it is when comi_hf is installed
+    in the environment (its `vllm.logits_processors` entry point), or pass
+    `logits_processors=["comi_hf_vllm:OutputRepetitionPenalty"]` to `vllm.LLM`.
+    """
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    async def connect(self, hidden_size: int) -> dict:
+        return {"model": "in-process vllm.LLM", "output_repetition_penalty": True}
+
+    async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
+        """Every prompt's `sampling.n` completions, from one engine call (the engine batches them)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(**sampling.sampling_params_kwargs())
+        prompts = [{"prompt_embeds": prompt.detach().cpu()} for prompt in embeds]
+        outputs = await asyncio.to_thread(self.llm.generate, prompts, params, use_tqdm=False)
+        return [[Completion(list(choice.token_ids), choice.finish_reason) for choice in out.outputs] for out in outputs]
+
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
+        return (await self.complete_many([embeds], sampling))[0]
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,237 @@
+"""`comi-serve`: an HTTP service that answers with COMI, the decoder on a vLLM server.
+
+    comi-serve --model MODEL_DIR --vllm-url http://127.0.0.1:8000 [--host 127.0.0.1] [--port 8080]
+
+`POST /v1/answer` takes `{"context": ..., "question": ...}` (or `"questions": [...]`; texts or
+token ids) with an optional `merge_size` and generation settings, and returns what
+`pipeline("comi-qa")` returns. Requests that arrive together are compressed together (one
+encoder and MIG pass); each question is then decoded by vLLM from prompt embeddings. A context
+asked about again is taken from the encoded-context cache instead of being encoded again.
+`GET /health` reports the decoder's state and the cache's hits and misses.
+
+vLLM's prompt-embeddings endpoint deserialises the tensors sent to it: bind it to loopback (or a
+private network) and expose only this service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..loading import UsageError, check_device, first_line
+from .client import COMIServingClient, ContextTooLong, Question
+from .decoder import DecoderError, DecoderUnavailable, VLLMReplicas, VLLMServerDecoder
+from .sampling import UnsupportedSetting, vllm_sampling
+
+__all__ = ["AnswerRequest", "CompressionBatcher", "create_app", "run"]
+
+API_KEY_ENV = "COMI_SERVE_API_KEY"
+# The generation settings a request may carry (the others of `generate` are refused by name).
+SETTINGS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "stop_strings",
+    "num_return_sequences",
+    "num_beams",
+)
+
+
+class AnswerRequest(BaseModel):
+    """The body of `POST /v1/answer`."""
+
+    model_config = ConfigDict(extra="forbid")
+    context: str | list[int]
+    question: str | list[int] | None = None
+    questions: list[str | list[int]] | None = None
+    merge_size: int | None = None
+    seed: int | None = None
+    return_token_ids: bool = False
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_strings: str | list[str] | None = None
+    num_return_sequences: int | None = None
+    num_beams: int | None = None
+
+
+@dataclass
+class _Pending:
+    questions: list[Question]
+    merge_size: int | None
+    future: asyncio.Future = field(repr=False)
+
+
+class CompressionBatcher:
+    """Compresses the questions of requests that arrive within `window` seconds of each other in
+    one call, one call at a time (in a worker thread: the event loop keeps serving)."""
+
+    def __init__(self, client: COMIServingClient, window: float = 0.005):
+        self.client = client
+        self.window = window
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def prompt_embeds(self, questions: list[Question], merge_size: int | None) -> list[torch.Tensor]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(questions, merge_size, future))
+        return await future
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(self.window)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for merge_size in dict.fromkeys(pending.merge_size for pending in batch):
+                group = [pending for pending in batch if pending.merge_size == merge_size]
+                questions = [question for pending in group for question in pending.questions]
+                try:
+                    embeds = await asyncio.to_thread(self.client.prompt_embeds, questions, merge_size)
+                except Exception as error:  # handed to every request of the group, none is lost
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(error)
+                    continue
+                start = 0
+                for pending in group:
+                    end = start + len(pending.questions)
+                    if not pending.future.done():
+                        pending.future.set_result(embeds[start:end])
+                    start = end
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+
+def create_app(client: COMIServingClient, *, api_key: str | None = None, max_request_bytes: int = 16 << 20):
+    """The ASGI app of `comi-serve` around a [`COMIServingClient`] whose decoder is a vLLM server."""
+    batcher = CompressionBatcher(client)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await batcher.aclose()
+        await client.decoder.aclose()
+
+    app = FastAPI(title="comi-serve", description="COMI question answering, the decoder on vLLM.", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {"message": message, "code": status}})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for problem in exc.errors():
+            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+            problems.append(f"{where}: {problem['msg']}" if where else problem["msg"])
+        return error(400, "invalid request: " + "; ".join(problems))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path != "/health" and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(401, "missing or wrong API key (send `Authorization: Bearer <key>`)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_request_bytes:
+            return error(413, f"the request has {length} bytes, more than this server's limit of {max_request_bytes}")
+        return await call_next(request)
+
+    @app.post("/v1/answer")
+    async def answer(body: AnswerRequest):
+        started = time.perf_counter()
+        inputs = {"context": body.context}
+        for name in ("question", "questions"):
+            if getattr(body, name) is not None:
+                inputs[name] = getattr(body, name)
+        settings = {name: getattr(body, name) for name in SETTINGS if getattr(body, name) is not None}
+        try:
+            sampling = vllm_sampling(client.prompt_encoder.generation_config, seed=body.seed, **settings)
+            questions, spans = client.questions(inputs)
+            embeds = await batcher.prompt_embeds(questions, body.merge_size)
+        except ContextTooLong as problem:
+            return error(413, str(problem))
+        except (UnsupportedSetting, ValueError, TypeError) as problem:
+            return error(400, str(problem))
+        try:
+            await client.connect()
+            completions = await client.decoder.complete_many(embeds, sampling)
+        except DecoderUnavailable as problem:
+            client.forget_connection()
+            return error(503, f"the decoder is unavailable: {problem}")
+        except DecoderError as problem:
+            return error(400 if "answered 4" in str(problem) else 502, str(problem))
+        (result,) = client.results(questions, spans, embeds, completions, body.return_token_ids)
+        return JSONResponse(result, headers={"X-Process-Time": f"{time.perf_counter() - started:.4f}"})
+
+    @app.get("/health")
+    async def health():
+        try:
+            decoder = {"reachable": True, **(await client.connect())}
+            status, code = "ok", 200
+        except DecoderError as problem:
+            client.forget_connection()
+            decoder = {"reachable": False, "error": str(problem)}
+            status, code = "decoder unavailable", 503
+        if isinstance(client.decoder, (VLLMServerDecoder, VLLMReplicas)):
+            decoder["url"] = client.decoder.url
+        content = {"status": status, "decoder": decoder, "cache": client.cache.stats()}
+        return JSONResponse(status_code=code, content=content)
+
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    """`comi-serve` with parsed arguments (see `comi_hf_cli.serve_parser`); returns the exit status."""
+    import uvicorn
+
+    try:
+        device = check_device(args.device)
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        try:
+            client = COMIServingClient.from_pretrained(
+                args.model,
+                vllm_url=args.vllm_url[0] if len(args.vllm_url) == 1 else args.vllm_url,
+                vllm_model=args.vllm_model,
+                api_key=args.vllm_api_key,
+                device=device,
+                dtype=dtype,
+                cache_bytes=args.cache_bytes,
+                max_context_tokens=args.max_context_tokens,
+            )
+        except (OSError, ValueError) as problem:
+            raise UsageError(f"cannot load the COMI compressor from {args.model}: {first_line(problem)}") from problem
+    except UsageError as problem:
+        print(f"comi-serve: error: {problem}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    app = create_app(client, api_key=api_key, max_request_bytes=args.max_request_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

