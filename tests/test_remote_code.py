@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import random_batch, tiny_comi
 
@@ -15,7 +16,14 @@ import comi_hf
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(comi_hf.__file__).resolve().parent
-REMOTE_CODE_FILES = ("configuration_comi.py", "modeling_comi.py", "mig.py", "packing.py", "pipeline_comi.py")
+REMOTE_CODE_FILES = (
+    "compressor_comi.py",
+    "configuration_comi.py",
+    "modeling_comi.py",
+    "mig.py",
+    "packing.py",
+    "pipeline_comi.py",
+)
 
 
 def test_top_level_entry_points_are_the_package_files():
@@ -86,6 +94,7 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_process_without_the_package_loads_and_generates_the_same(tmp_path, tokenizer):
     model = tiny_comi()
     directory = tmp_path / "model"

@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
+    from .compressor_comi import loading_problems
     from .configuration_comi import COMIConfig
-    from .modeling_comi import COMIForConditionalGeneration, loading_problems, official_generation_config
+    from .modeling_comi import COMIForConditionalGeneration, official_generation_config
 
     path = Path(args.checkpoint)
     if path.is_dir():

@@ -1,0 +1,1 @@
+src/comi_hf/compressor_comi.py

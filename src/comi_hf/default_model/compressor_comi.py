@@ -1,0 +1,1 @@
+../compressor_comi.py
