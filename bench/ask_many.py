@@ -26,20 +26,21 @@ from common import (
     model_from_arguments,
     pyplot,
     quick_model_arguments,
-    word_tokenizer,
     write_json,
 )
 from transformers import pipeline
+
+from comi_hf.data import word_level_tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--context-tokens", type=int, default=8192)
+    parser.add_argument("--context_tokens", type=int, default=8192)
     parser.add_argument("--questions", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--merge-size", type=int, default=16)
+    parser.add_argument("--merge_size", type=int, default=16)
     add_model_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max_new_tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
@@ -49,7 +50,7 @@ def main() -> None:
         args.context_tokens, args.questions, args.max_new_tokens, args.repeats = 512, [1, 4], 4, 1
 
     words = [f"w{i}" for i in range(500)]
-    tokenizer = word_tokenizer(words)
+    tokenizer = word_level_tokenizer(words)
     model = model_from_arguments(args, max_positions=2 * args.context_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     context = " ".join(words[i] for i in torch.randint(len(words), (args.context_tokens,), generator=generator))

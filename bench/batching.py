@@ -3,7 +3,7 @@
 `pipe(items, batch_size=b)` pads each batch's contexts to its longest one; COMI packs every
 sample on its own after the encoder, so the answers do not depend on the batch (checked here),
 but the encoder runs over the padding. This script answers the same documents (lengths drawn
-uniformly between `--min-tokens` and `--max-tokens`) at each batch size, in one run (warm-up,
+uniformly between `--min_tokens` and `--max_tokens`) at each batch size, in one run (warm-up,
 then the median of several repeats), and reports documents and context tokens per second.
 
     python bench/batching.py            # 32 documents of 256..4096 tokens, batch 1, 4, 16
@@ -23,22 +23,23 @@ from common import (
     model_from_arguments,
     pyplot,
     quick_model_arguments,
-    word_tokenizer,
     write_json,
 )
 from transformers import pipeline
+
+from comi_hf.data import word_level_tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--documents", type=int, default=32)
-    parser.add_argument("--min-tokens", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=4096)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--merge-size", type=int, default=16)
+    parser.add_argument("--min_tokens", type=int, default=256)
+    parser.add_argument("--max_tokens", type=int, default=4096)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--merge_size", type=int, default=16)
     add_model_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max_new_tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
@@ -49,7 +50,7 @@ def main() -> None:
         quick_model_arguments(args)
 
     words = [f"w{i}" for i in range(500)]
-    tokenizer = word_tokenizer(words)
+    tokenizer = word_level_tokenizer(words)
     model = model_from_arguments(args, max_positions=2 * args.max_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_tokens, args.max_tokens + 1, (args.documents,), generator=generator).tolist()

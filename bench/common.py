@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config
+from transformers import Qwen3Config
+from transformers.generation.streamers import BaseStreamer
 
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 
@@ -34,12 +34,17 @@ def median_seconds(function: Callable[[], object], repeats: int, device: str | t
     return statistics.median(times)
 
 
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: ids 0-2 are pad, EOS and unknown, then `words` in order."""
-    vocab = {token: i for i, token in enumerate(["<pad>", "</s>", "<unk>", *words])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+class TokenClock(BaseStreamer):
+    """A `generate` streamer that stamps the time of every `put` (each new token as it is chosen)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def qwen3_shaped_model(
@@ -78,9 +83,9 @@ def qwen3_shaped_model(
 def add_model_arguments(parser) -> None:
     """The shape of `qwen3_shaped_model`'s backbone, as command-line options."""
     parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--encoder-layers", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=151936)
+    parser.add_argument("--encoder_layers", type=int, default=8)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--vocab_size", type=int, default=151936)
 
 
 def quick_model_arguments(args) -> None:

@@ -5,7 +5,7 @@ points away from one group's tokens and alpha_select is large, so that one reall
 holds most of the context), this times `mig_compress` (warm-up, median of repeats) and measures the extra memory
 its torch ops allocate. The baseline lays the reallocated groups out as the official code does,
 padded to the longest group `(groups x longest x hidden)`, and computes the fine stage on it;
-it is skipped where that layout would not fit in `--baseline-limit-gb`. The time exponent is the
+it is skipped where that layout would not fit in `--baseline_limit_gb`. The time exponent is the
 slope of log(time) against log(length).
 
     python bench/compressor.py               # 1K..128K tokens, hidden 1024 and 4096, merge 4/16/32
@@ -145,12 +145,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 16, 32])
+    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--max-call-seconds", type=float, default=10.0, help="stop a series before a call could take longer"
     )
-    parser.add_argument("--baseline-limit-gb", type=float, default=4.0)
+    parser.add_argument("--baseline_limit_gb", type=float, default=4.0)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = parser.parse_args()

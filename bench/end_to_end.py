@@ -17,7 +17,7 @@ Every figure is the median of several runs after a warm-up, and the ratios are t
 run.
 
     python bench/end_to_end.py                 # 2K, 8K and 16K tokens; merge 4, 8, 16, 32
-    python bench/end_to_end.py --context-tokens 32768 --merge-sizes 32
+    python bench/end_to_end.py --context_tokens 32768 --merge_sizes 32
     python bench/end_to_end.py --device cuda --dtype bfloat16
     python bench/end_to_end.py --quick         # seconds, for the test suite
 """
@@ -30,6 +30,7 @@ import time
 
 import torch
 from common import (
+    TokenClock,
     add_model_arguments,
     backbone_description,
     machine_description,
@@ -40,7 +41,6 @@ from common import (
     synchronize,
     write_json,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from comi_hf.memory_meter import PeakMemory
 
@@ -56,19 +56,6 @@ def peak_extra_bytes(function, device: str) -> int:
     with PeakMemory() as meter:
         function()
     return meter.peak
-
-
-class TokenClock(BaseStreamer):
-    """Stamps the time of every `put` (`generate` puts each new token as soon as it is chosen)."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def latency(generate, new_tokens: int, args) -> dict:
@@ -128,10 +115,10 @@ def compression_parts(model, context_ids, query_ids, merge_size: int, args) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--context-tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--query-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--context_tokens", type=int, nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--query_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=20)
     add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -40,6 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import torch
 from common import (
     add_model_arguments,
@@ -48,21 +48,23 @@ from common import (
     model_from_arguments,
     pyplot,
     quick_model_arguments,
-    word_tokenizer,
     write_json,
 )
 from transformers import pipeline
 
+from comi_hf.data import word_level_tokenizer
 from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
 
 
 class PeakRSS:
-    """The peak resident memory of a process and its children, sampled every 50 ms while active."""
+    """The peak resident memory of a process (and its children, with `children`), sampled every 50 ms."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._running = pid, 0, False
+    def __init__(self, pid: int, children: bool = True):
+        self.pid, self.children, self.peak, self._running = pid, children, 0, False
 
     def _tree(self, pid: int) -> list[int]:
+        if not self.children:
+            return [pid]
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
@@ -95,21 +97,18 @@ class PeakRSS:
         self._thread.join()
 
 
-def post(url: str, body: dict, timeout: float = 3600) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+async def burst(url: str, bodies: list[dict]) -> tuple[list, list[float], float]:
+    """POST every request at once (each its own connection); results, latencies from the start, makespan."""
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        start = time.perf_counter()
 
+        async def one(body):
+            response = await client.post(url, json=body)
+            response.raise_for_status()
+            return response.json(), time.perf_counter() - start
 
-async def burst(send, bodies: list[dict]) -> tuple[list, list[float], float]:
-    """Send every request at once; their results, latencies (from the start) and the makespan."""
-    start = time.perf_counter()
-
-    async def one(body):
-        result = await asyncio.to_thread(send, body)
-        return result, time.perf_counter() - start
-
-    done = await asyncio.gather(*(one(body) for body in bodies))
+        done = await asyncio.gather(*(one(body) for body in bodies))
     return [result for result, _ in done], [latency for _, latency in done], time.perf_counter() - start
 
 
@@ -129,7 +128,8 @@ def run_pipeline(pipe, documents, questions, args) -> tuple[list[list[int]], dic
     """(a): each document's questions in one `pipeline` call, documents in turn."""
     start = time.perf_counter()
     answers, latencies = [], []
-    with PeakRSS(os.getpid()) as memory:
+    # This process alone: the vLLM server and comi-serve are its children.
+    with PeakRSS(os.getpid(), children=False) as memory:
         for document, asked in zip(documents, questions, strict=True):
             result = pipe(context=document, questions=asked, max_new_tokens=args.new_tokens, merge_size=args.merge)
             answers += result["answers"]
@@ -146,7 +146,7 @@ def run_comi_serve(url: str, server_pid: int, vllm_pid: int, documents, question
         for question in asked
     ]
     with PeakRSS(server_pid) as served, PeakRSS(vllm_pid) as decoder:
-        results, latencies, makespan = asyncio.run(burst(lambda body: post(url + "/v1/answer", body), bodies))
+        results, latencies, makespan = asyncio.run(burst(url + "/v1/answer", bodies))
     memory = {"comi-serve": served.peak, "vLLM": decoder.peak}
     return [result["answer"] for result in results], summary(
         f"(b) comi-serve + vLLM, merge {args.merge}", latencies, makespan, memory
@@ -168,7 +168,7 @@ def run_full_context(vllm: VLLMServer, model_name: str, tokenizer, documents, qu
         for question in asked
     ]
     with PeakRSS(vllm.process.pid) as decoder:
-        _, latencies, makespan = asyncio.run(burst(lambda body: post(vllm.url + "/v1/completions", body), bodies))
+        _, latencies, makespan = asyncio.run(burst(vllm.url + "/v1/completions", bodies))
     return summary("(c) vLLM, full context", latencies, makespan, {"vLLM": decoder.peak})
 
 
@@ -193,15 +193,15 @@ def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
-    parser.add_argument("--context-tokens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--merge-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--context_tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--documents", type=int, default=16)
-    parser.add_argument("--questions-per-document", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--questions_per_document", type=int, default=4)
+    parser.add_argument("--new_tokens", type=int, default=16)
     add_model_arguments(parser)
     parser.add_argument("--device", default="cpu", help="where the compressor runs (vLLM picks its own device)")
-    parser.add_argument("--vllm-kv-cache-gib", type=int, default=6, help="vLLM's KV cache on a CPU build (GiB)")
-    parser.add_argument("--vllm-python", default=find_vllm_python(), help="the Python of vLLM's environment")
+    parser.add_argument("--vllm_kv_cache_gib", type=int, default=6, help="vLLM's KV cache on a CPU build (GiB)")
+    parser.add_argument("--vllm_python", default=find_vllm_python(), help="the Python of vLLM's environment")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--markdown", help="write the table here")
@@ -211,16 +211,16 @@ def main() -> None:
         args.context_tokens, args.merge_sizes, args.documents, args.questions_per_document = [256], [8], 2, 2
         args.new_tokens, args.vllm_kv_cache_gib = 4, 1
     if args.vllm_python is None:
-        sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm-python)")
+        sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm_python)")
     if args.quick:
         print("--quick: tiny sizes, a smoke test of this script; its figures are not measurements")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="comi-serving-bench-"))
     longest = max(args.context_tokens) + 64 + args.new_tokens
     model = model_from_arguments(args, max_positions=longest + 64, merge_size=min(args.merge_sizes))
-    model.generation_config.eos_token_id = None  # every method generates exactly --new-tokens tokens
+    model.generation_config.eos_token_id = None  # every method generates exactly --new_tokens tokens
     words = [f"w{i}" for i in range(min(2000, args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
-    tokenizer = word_tokenizer(words)
+    tokenizer = word_level_tokenizer(words)
     model.save_pretrained(work / "comi")
     tokenizer.save_pretrained(work / "comi")
     model.export_decoder(work / "decoder", tokenizer)
@@ -239,40 +239,40 @@ def main() -> None:
     )  # fmt: skip
     with vllm:
         name = str(work / "decoder")
-        server, url = start_comi_serve(work / "comi", vllm.url, args, work / "comi-serve.log")
-        try:
-            for length in args.context_tokens:
-                documents = [text(length) for _ in range(args.documents)]
-                questions = [[text(12) for _ in range(args.questions_per_document)] for _ in documents]
-                total = args.documents * args.questions_per_document
-                print(f"\n{total} questions over {args.documents} documents of {length} tokens", flush=True)
-                full = run_full_context(vllm, name, tokenizer, documents, questions, args)
-                full.update(context_tokens=length)
-                rows.append(full)
-                print(_line(full), flush=True)
-                for merge in args.merge_sizes:
-                    args.merge = merge
-                    answers_a, pipeline_row = run_pipeline(pipe, documents, questions, args)
+        for length in args.context_tokens:
+            documents = [text(length) for _ in range(args.documents)]
+            questions = [[text(12) for _ in range(args.questions_per_document)] for _ in documents]
+            total = args.documents * args.questions_per_document
+            print(f"\n{total} questions over {args.documents} documents of {length} tokens", flush=True)
+            full = run_full_context(vllm, name, tokenizer, documents, questions, args)
+            full.update(context_tokens=length)
+            rows.append(full)
+            print(_line(full), flush=True)
+            for merge in args.merge_sizes:
+                args.merge = merge
+                answers_a, pipeline_row = run_pipeline(pipe, documents, questions, args)
+                # A fresh comi-serve each time: its cache starts empty, as for new documents.
+                server, url = start_comi_serve(work / "comi", vllm.url, args, work / "comi-serve.log")
+                try:
                     answers_b, served_row = run_comi_serve(
                         url, server.pid, vllm.process.pid, documents, questions, args
                     )
-                    same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
-                    for row in (pipeline_row, served_row):
-                        row.update(context_tokens=length, merge_size=merge)
-                    served_row["answers_equal_pipeline"] = f"{same}/{total}"
-                    served_row["speedup_over_full_context"] = (
-                        served_row["answers_per_second"] / full["answers_per_second"]
-                    )
-                    served_row["speedup_over_pipeline"] = (
-                        served_row["answers_per_second"] / pipeline_row["answers_per_second"]
-                    )
-                    rows += [pipeline_row, served_row]
-                    print(_line(pipeline_row), flush=True)
-                    print(_line(served_row), flush=True)
-            cache = json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())["cache"]
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+                    health = httpx.get(url + "/health", timeout=30).json()
+                    served_row["comi_serve_cache"] = health["cache"]
+                finally:
+                    server.terminate()
+                    server.wait(timeout=60)
+                same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
+                for row in (pipeline_row, served_row):
+                    row.update(context_tokens=length, merge_size=merge)
+                served_row["answers_equal_pipeline"] = f"{same}/{total}"
+                served_row["speedup_over_full_context"] = served_row["answers_per_second"] / full["answers_per_second"]
+                served_row["speedup_over_pipeline"] = (
+                    served_row["answers_per_second"] / pipeline_row["answers_per_second"]
+                )
+                rows += [pipeline_row, served_row]
+                print(_line(pipeline_row), flush=True)
+                print(_line(served_row), flush=True)
     results = {
         "quick": args.quick,
         "backbone": backbone,
@@ -280,7 +280,6 @@ def main() -> None:
         "documents": args.documents,
         "questions_per_document": args.questions_per_document,
         "new_tokens": args.new_tokens,
-        "comi_serve_cache": cache,
         "rows": rows,
     }
     write_json(args.json, results)

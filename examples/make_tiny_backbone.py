@@ -1,10 +1,10 @@
 """Write a tiny random decoder-only backbone and its tokenizer, for trying the examples offline.
 
-    python examples/make_tiny_backbone.py tiny-backbone [--hidden-size 128]
+    python examples/make_tiny_backbone.py tiny-backbone [--hidden_size 128]
 
 A word-level tokenizer over the words of `examples/data/*.jsonl` and a 4-layer Llama with 4
 attention heads, hidden size 64 by default (head dim 16; vLLM's CPU backend needs a head dim of
-32 or more: `--hidden-size 128`). Random weights: COMI fine-tuning on the example data shows the
+32 or more: `--hidden_size 128`). Random weights: COMI fine-tuning on the example data shows the
 loss falling, not a useful model.
 """
 
@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from comi_hf.data import word_level_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -29,16 +30,10 @@ def main(output_dir: str, hidden_size: int = 64) -> None:
             answers = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
             for text in (record["input"], record["prompt"], *answers):
                 words.update(text.split())
-    vocabulary = ["<pad>", "</s>", "<unk>", *sorted(words)]
-    word_level = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocabulary)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
+    tokenizer = word_level_tokenizer(sorted(words))
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocabulary),
+        vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=4,
@@ -52,14 +47,14 @@ def main(output_dir: str, hidden_size: int = 64) -> None:
     )
     LlamaForCausalLM(config).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    print(f"wrote a {len(vocabulary)}-word tiny Llama backbone to {output_dir}")
+    print(f"wrote a {len(tokenizer)}-word tiny Llama backbone to {output_dir}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir")
-    parser.add_argument("--hidden-size", type=int, default=64, help="A multiple of 4 (the heads), default 64.")
+    parser.add_argument("--hidden_size", type=int, default=64, help="A multiple of 4 (the heads), default 64.")
     args = parser.parse_args()
     if args.hidden_size < 4 or args.hidden_size % 4:
-        parser.error(f"--hidden-size must be a positive multiple of 4, got {args.hidden_size}")
+        parser.error(f"--hidden_size must be a positive multiple of 4, got {args.hidden_size}")
     main(args.output_dir, args.hidden_size)

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from .packing import pad_token_lists
 
-__all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context"]
+__all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context", "word_level_tokenizer"]
 
 
 class MalformedDataError(ValueError):
@@ -133,3 +133,17 @@ class COMIDataCollator:
         if "labels" in features[0]:
             batch["labels"] = pad_token_lists([feature["labels"] for feature in features], -100)[0]
         return batch
+
+
+def word_level_tokenizer(words: list[str]):
+    """A word-level tokenizer for tiny test and demonstration models: ids 0-2 are `<pad>`, `</s>`
+    (EOS) and `<unk>`, then `words` in order; text splits on whitespace, and decoding joins the
+    words with spaces. (No BOS token, as the official code tokenises without special tokens.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {word: index for index, word in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    word_level = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

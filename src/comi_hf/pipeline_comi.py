@@ -54,16 +54,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
     _load_tokenizer = True
 
     def __call__(self, inputs: Any = None, *, context=None, question=None, questions=None, **kwargs):
-        if inputs is None:
-            if context is None:
-                raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
-            inputs = {"context": context}
-            if question is not None:
-                inputs["question"] = question
-            if questions is not None:
-                inputs["questions"] = questions
-        elif context is not None or question is not None or questions is not None:
-            raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
+        inputs = gather_inputs(inputs, context, question, questions)
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise ValueError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
         if isinstance(inputs, (list, tuple)) and (kwargs.get("batch_size") or self._batch_size or 1) > 1:
@@ -210,6 +201,22 @@ class COMIQuestionAnsweringPipeline(Pipeline):
             ]
         several = model_outputs.get("several_questions", False)
         return answer_records(answers, context_tokens, memory_tokens, several, compressions)
+
+
+def gather_inputs(inputs, context=None, question=None, questions=None):
+    """The inputs of a `comi-qa` call: given positionally (a dict or a list of dicts), or as
+    `context=` with `question=` or `questions=` (then one dict)."""
+    if inputs is None:
+        if context is None:
+            raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
+        inputs = {"context": context}
+        if question is not None:
+            inputs["question"] = question
+        if questions is not None:
+            inputs["questions"] = questions
+    elif context is not None or question is not None or questions is not None:
+        raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
+    return inputs
 
 
 def decode_answers(tokenizer, sequences) -> list[str]:

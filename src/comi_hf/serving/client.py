@@ -22,8 +22,8 @@ import torch
 
 from ..configuration_comi import check_merge_size
 from ..modeling_comi import COMIPromptEncoder
-from ..packing import COMIContextEncoding, pad_token_lists
-from ..pipeline_comi import answer_records, decode_answers
+from ..packing import pad_token_lists
+from ..pipeline_comi import answer_records, decode_answers, gather_inputs
 from .cache import EncodedContextCache
 from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
 from .sampling import vllm_sampling
@@ -148,36 +148,45 @@ class COMIServingClient:
         return ids
 
     @torch.no_grad()
-    def prompt_embeds(self, questions: list[Question], merge_size: int | None = None) -> list[torch.Tensor]:
-        """Each question's decoder input `[memory ; query]`, `(positions, hidden)`, compressed in one batch.
+    def prompt_embeds_by_context(self, questions: list[Question], merge_size: int | None = None):
+        """Each question's decoder input `[memory ; query]`, `(positions, hidden)`, one context at a time.
 
-        Each distinct context is encoded once, or taken from the encoded-context cache.
+        Yields `(positions, embeds)`: the questions (their positions in `questions`) about one
+        distinct context and their inputs, compressed together. Each context is encoded once, or
+        taken from the encoded-context cache. One context at a time bounds the memory and the
+        copying: one batch of many long contexts copies every context's key/value cache for every
+        question (docs/serving.md).
         """
         if merge_size is not None:
             check_merge_size(merge_size)
         device = self.prompt_encoder.device
         keys = [EncodedContextCache.key(question.context_ids) for question in questions]
-        distinct = list(dict.fromkeys(keys))
-        contexts = {key: question.context_ids for key, question in zip(keys, questions, strict=True)}
-        # One compression at a time: a model's forward is not meant to run in two threads at once.
-        with self._compress_lock:
-            encodings = {key: self.cache.get(key) for key in distinct}
-            missing = [key for key in distinct if encodings[key] is None]
-            if missing:
-                ids, mask = _padded([contexts[key] for key in missing], device)
-                encoded = self.prompt_encoder.encode_context(ids, mask)
-                for index, key in enumerate(missing):
-                    encodings[key] = encoded.context(index)
-                    self.cache.put(key, encodings[key])
-            query_ids, query_mask = _padded([question.query_ids for question in questions], device)
-            context_index = torch.tensor([distinct.index(key) for key in keys], device=device)
-            return self.prompt_encoder.prompt_embeds(
-                query_ids=query_ids,
-                query_attention_mask=query_mask,
-                merge_size=merge_size,
-                context_encoding=COMIContextEncoding.concatenate([encodings[key] for key in distinct]),
-                context_index=context_index,
-            )
+        for key in dict.fromkeys(keys):
+            positions = [position for position, other in enumerate(keys) if other == key]
+            # One compression at a time: a model's forward is not meant to run in two threads at once.
+            with self._compress_lock:
+                encoding = self.cache.get(key)
+                if encoding is None:
+                    encoding = self.prompt_encoder.encode_context(
+                        *_padded([questions[positions[0]].context_ids], device)
+                    )
+                    self.cache.put(key, encoding)
+                query_ids, query_mask = _padded([questions[position].query_ids for position in positions], device)
+                embeds = self.prompt_encoder.prompt_embeds(
+                    query_ids=query_ids,
+                    query_attention_mask=query_mask,
+                    merge_size=merge_size,
+                    context_encoding=encoding,
+                )
+            yield positions, embeds
+
+    def prompt_embeds(self, questions: list[Question], merge_size: int | None = None) -> list[torch.Tensor]:
+        """Every question's decoder input, in order (see [`prompt_embeds_by_context`])."""
+        embeds: list[torch.Tensor | None] = [None] * len(questions)
+        for positions, ready in self.prompt_embeds_by_context(questions, merge_size):
+            for position, prompt in zip(positions, ready, strict=True):
+                embeds[position] = prompt
+        return embeds
 
     # ------------------------------------------------------------------ answering
     async def connect(self) -> dict:
@@ -195,7 +204,8 @@ class COMIServingClient:
         self, inputs=None, *, merge_size: int | None = None, seed: int | None = None, return_token_ids=False, **kwargs
     ):
         """[`answer`], awaitable (for an event loop that is already running)."""
-        inputs, generate_kwargs = _inputs_and_settings(inputs, kwargs)
+        inputs = gather_inputs(inputs, *(kwargs.pop(name, None) for name in ("context", "question", "questions")))
+        generate_kwargs = kwargs
         sampling = vllm_sampling(self.prompt_encoder.generation_config, seed=seed, **generate_kwargs)
         questions, spans = self.questions(inputs)
         embeds = await asyncio.to_thread(self.prompt_embeds, questions, merge_size)
@@ -237,25 +247,6 @@ class COMIServingClient:
             self._loop.run_until_complete(self.decoder.aclose())
             self._loop.close()
             self._loop = None
-
-
-def _inputs_and_settings(inputs, kwargs: dict):
-    context, question, questions = (
-        kwargs.pop("context", None),
-        kwargs.pop("question", None),
-        kwargs.pop("questions", None),
-    )
-    if inputs is None:
-        if context is None:
-            raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
-        inputs = {"context": context}
-        if question is not None:
-            inputs["question"] = question
-        if questions is not None:
-            inputs["questions"] = questions
-    elif context is not None or question is not None or questions is not None:
-        raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
-    return inputs, kwargs
 
 
 def _attach_token_ids(result, token_ids: list[list[list[int]]], several: bool) -> None:

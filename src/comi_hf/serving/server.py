@@ -109,21 +109,26 @@ class CompressionBatcher:
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             for merge_size in dict.fromkeys(pending.merge_size for pending in batch):
-                group = [pending for pending in batch if pending.merge_size == merge_size]
-                questions = [question for pending in group for question in pending.questions]
-                try:
-                    embeds = await asyncio.to_thread(self.client.prompt_embeds, questions, merge_size)
-                except Exception as error:  # handed to every request of the group, none is lost
-                    for pending in group:
-                        if not pending.future.done():
-                            pending.future.set_exception(error)
-                    continue
-                start = 0
-                for pending in group:
-                    end = start + len(pending.questions)
-                    if not pending.future.done():
-                        pending.future.set_result(embeds[start:end])
-                    start = end
+                await self._compress([pending for pending in batch if pending.merge_size == merge_size], merge_size)
+
+    async def _compress(self, group: list[_Pending], merge_size: int | None) -> None:
+        """One pass over the group's questions, a context at a time; the requests get their inputs
+        together at the end, so that the decoder receives them all at once and batches them (handed
+        out one context at a time, they made vLLM decode in small steps while the compressor held
+        the CPU; docs/serving.md)."""
+        questions = [question for pending in group for question in pending.questions]
+        try:
+            embeds = await asyncio.to_thread(self.client.prompt_embeds, questions, merge_size)
+        except Exception as error:  # handed to every request of the group, none is lost
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        start = 0
+        for pending in group:
+            if not pending.future.done():
+                pending.future.set_result(embeds[start : start + len(pending.questions)])
+            start += len(pending.questions)
 
     async def aclose(self) -> None:
         if self._worker is not None:
