@@ -49,6 +49,7 @@ def test_example_document_is_the_held_out_test_document():
     assert EXAMPLE.read_text().strip() == document.context
 
 
+@pytest.mark.slow
 def test_readme_main_command_answers_the_example_without_a_model_argument(tmp_path):
     document = make_document(SPLIT_SEEDS["test"] + EXAMPLE_INDEX, 256)
     done = subprocess.run(
@@ -87,6 +88,7 @@ def test_held_out_exact_match_at_merge_4_and_8(model, tokenizer):
         assert measured > 0.3  # "pick any code of the document" scores 0.09
 
 
+@pytest.mark.slow
 def test_remote_code_loads_the_shipped_directory_without_the_package(tmp_path):
     script = textwrap.dedent(
         f"""

@@ -17,13 +17,13 @@ def test_local_base_model_is_named_by_its_directory_not_its_path(tmp_path):
         merge_sizes=[4, 8],
         training_data=["train.jsonl"],
         training_summary=SUMMARY,
-        trained_with="examples/default_model/finetune_comi.py",
+        trained_with="research/default_model/finetune_comi.py",
     )
     card = ModelCard.load(path)
     assert card.data.base_model is None  # a local directory is no Hub id
     assert "- Base model: `tiny-backbone` (a local directory)" in card.text
     assert str(tmp_path) not in card.text
-    assert "trained with comi_hf's `examples/default_model/finetune_comi.py`" in card.text
+    assert "trained with comi_hf's `research/default_model/finetune_comi.py`" in card.text
     assert "- learning rate: 0.001" in card.text
 
 

@@ -1,5 +1,7 @@
 """comi_hf: COMI (coarse-to-fine context compression with marginal information gain) for transformers."""
 
+import os
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comi import COMIConfig
@@ -20,6 +22,10 @@ from .modeling_comi import (
 # like any Hub checkpoint, used by `comi-qa` and `pipeline("comi-qa")` when no model is given.
 from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK, COMIQuestionAnsweringPipeline
 
+# DEFAULT_BACKBONE: the plain causal LM the default model was built from (its card says how it was
+# pretrained); the backbone of bench/peers.py's comparison.
+DEFAULT_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_backbone")
+
 __version__ = "0.1.0"
 # With the package imported, COMI directories load through the Auto classes without remote code.
 AutoConfig.register(COMIConfig.model_type, COMIConfig, exist_ok=True)
@@ -27,6 +33,7 @@ AutoModel.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(COMIConfig, COMIForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "DEFAULT_MODEL",
     "MIG_OPTIONS",
     "PIPELINE_TASK",

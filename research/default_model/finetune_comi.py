@@ -1,6 +1,6 @@
 """Fine-tune COMI from the pretrained tiny backbone: the second step of the default model.
 
-    python examples/default_model/finetune_comi.py --backbone WORK/backbone --output_dir WORK/comi
+    python research/default_model/finetune_comi.py --backbone WORK/backbone --output_dir WORK/comi
 
 COMI is built with `from_backbone` (encoder = the backbone's first 2 layers, LSA = 1 layer, full
 decoder) and trained with `Trainer` on `comi_hf.synthetic` documents: the answer's cross-entropy
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluation=card_evaluation,
         evaluation_data=f"comi-synth validation split, {args.eval_docs} documents of {args.eval_words[0]} words",
         notes=NOTES.read_text(),
-        trained_with="examples/default_model/finetune_comi.py",
+        trained_with="research/default_model/finetune_comi.py",
     )
 
 

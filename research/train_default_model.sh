@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Train comi_hf's default model from nothing, with the project's own code, on this machine.
 #
-#     bash examples/train_default_model.sh WORK_DIR [OUTPUT_DIR]
+#     bash research/train_default_model.sh WORK_DIR [OUTPUT_DIR [BACKBONE_OUTPUT_DIR]]
 #
 # 1. held-out synthetic test data (comi-synth), 2. a tiny word-level Llama backbone pretrained
-# on synthetic documents (examples/default_model/pretrain_backbone.py), 3. COMI built from the
-# backbone and fine-tuned with Trainer (examples/default_model/finetune_comi.py; merge sizes
+# on synthetic documents (research/default_model/pretrain_backbone.py), 3. COMI built from the
+# backbone and fine-tuned with Trainer (research/default_model/finetune_comi.py; merge sizes
 # sampled per batch), 4. held-out exact match (examples/evaluate.py), 5. the model, tokenizer
-# and card copied to OUTPUT_DIR (default: the package's src/comi_hf/default_model).
+# and card copied to OUTPUT_DIR (default: the package's src/comi_hf/default_model), and the
+# backbone of step 2 to BACKBONE_OUTPUT_DIR (default: default_backbone beside OUTPUT_DIR).
 #
 # Step 3 runs data-parallel in PROCESSES processes (default 2; `torch.distributed.run`, gloo) that
 # share the cores. Here, with one thread each, the round runs at 14.4-14.9 steps/s against
@@ -22,9 +23,10 @@
 # this); its model answers nonsense.
 set -euo pipefail
 
-WORK=${1:?usage: bash examples/train_default_model.sh WORK_DIR [OUTPUT_DIR]}
+WORK=${1:?usage: bash research/train_default_model.sh WORK_DIR [OUTPUT_DIR [BACKBONE_OUTPUT_DIR]]}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUTPUT=${2:-$HERE/../src/comi_hf/default_model}
+BACKBONE_OUTPUT=${3:-$(dirname "$OUTPUT")/default_backbone}
 QUICK=${QUICK:-0}
 PROCESSES=${PROCESSES:-2}
 if ! [[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]]; then
@@ -77,7 +79,7 @@ echo "== 4. held-out exact match"
 for WORDS in $TEST_WORDS; do
     for MERGE in $TEST_MERGES; do
         # 1,024-word documents: the first 200 (3.7 min per 1,000 documents and merge size here).
-        python "$HERE/evaluate.py" --model_name_or_path "$WORK/comi" --test_file "$WORK/test-$WORDS.jsonl" \
+        python "$HERE/../examples/evaluate.py" --model_name_or_path "$WORK/comi" --test_file "$WORK/test-$WORDS.jsonl" \
             --output_dir "$WORK/eval/words-$WORDS-merge-$MERGE" --merge_size "$MERGE" \
             --per_device_eval_batch_size 50 --max_new_tokens 8 --num_samples "$([ "$WORDS" -gt 256 ] && echo 200 || echo "$TEST_DOCS")"
     done
@@ -85,5 +87,6 @@ done
 
 echo "== 5. ship"
 python "$HERE/default_model/ship.py" --model_dir "$WORK/comi" --work_dir "$WORK" --output_dir "$OUTPUT" \
+    --backbone_output_dir "$BACKBONE_OUTPUT" \
     --wall_minutes $(( ($(date +%s) - START + 59) / 60 ))
 echo "done in $(( $(date +%s) - START )) s"

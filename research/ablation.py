@@ -1,6 +1,6 @@
 """The ablation table: what each part of MIG compression is worth, at the same memory budget.
 
-    python examples/ablation.py --output_dir ablation
+    python research/ablation.py --output_dir ablation
 
 Every variant answers the same held-out `comi-synth` test documents with the same model (by
 default the package's default model, trained with full MIG) and the same number of memory
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "model": args.model,
         "minutes": round((time.monotonic() - started) / 60, 2),
-        "command": "python examples/ablation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python research/ablation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "entries": entries,
     }
     (output / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")

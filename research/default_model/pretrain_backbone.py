@@ -1,6 +1,6 @@
 """Pretrain the tiny word-level backbone LM of comi_hf's default model on the synthetic corpus.
 
-    python examples/default_model/pretrain_backbone.py --output_dir backbone --max_minutes 15
+    python research/default_model/pretrain_backbone.py --output_dir backbone --max_minutes 15
 
 Plain causal-LM training on `context question answer </s>` texts from `comi_hf.synthetic`
 (the paper's first step: a backbone that already reads), with two additions that make a 4-layer,
@@ -35,22 +35,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from comi_hf.data import word_level_tokenizer
 from comi_hf.synthetic import QUESTION, SPLIT_SEEDS, FactSpan, SyntheticDocument, make_document, vocabulary
 
-SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 LOSS_NAMES = ("lm_loss", "answer_loss", "binding_loss", "retrieval_loss")
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: one token per word of the synthetic generator."""
-    words = SPECIAL_TOKENS + vocabulary()
-    word_level = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def build_model(vocab_size: int, max_positions: int) -> LlamaForCausalLM:
@@ -207,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    tokenizer = build_tokenizer()
+    tokenizer = word_level_tokenizer(vocabulary())  # one token per word of the generator
     model = build_model(len(tokenizer), max_positions=max(4096, 2 * max(args.curriculum)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     warmup = 100
