@@ -14,6 +14,8 @@ from transformers import pipeline
 
 from comi_hf import PIPELINE_TASK
 
+pytestmark = pytest.mark.slow
+
 DOCUMENT = "the code of red river is 4 8 2 1 . the code of blue lake is 1 2 3 4 . old mill is north ."
 QUESTIONS = ["what is the code of red river ?", "what is the code of blue lake ?", "which city ?"]
 

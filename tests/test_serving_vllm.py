@@ -24,6 +24,8 @@ from comi_hf import COMIForConditionalGeneration
 from comi_hf.serving import COMIServingClient, UnsupportedSetting
 from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
 
+pytestmark = pytest.mark.slow
+
 VLLM_PYTHON = find_vllm_python()
 if VLLM_PYTHON is None and os.environ.get("COMI_REQUIRE_VLLM") != "1":
     pytest.skip(
