@@ -57,7 +57,7 @@ def tour(output_dir: Path) -> dict:
 
     # 3. compress: memory (LSA applied) and, with return_details, the token -> memory-vector map.
     query_ids = tokenizer(QUESTIONS[0], add_special_tokens=False, return_tensors="pt").input_ids
-    memory, memory_mask, details = model.compress(context_ids, None, query_ids, None, merge_size=16, return_details=True)
+    memory, _, details = model.compress(context_ids, None, query_ids, None, merge_size=16, return_details=True)
     seen["memory_shape"] = tuple(memory.shape)
     print(f"compress: {context_ids.shape[1]} tokens -> memory {tuple(memory.shape)};")
     print("  memory vector of the first 8 tokens:", details.token_memory[0, :8].tolist())

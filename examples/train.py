@@ -96,22 +96,8 @@ class COMITrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False
 
 
-COMI_FIELDS = (
-    "encoder_layers",
-    "num_mem_fusion_layers",
-    "merge_size",
-    "merge_sizes",
-    "segment_size",
-    "coarse_grained",
-    "fine_grained",
-    "coarse_redundancy",
-    "fine_redundancy",
-    "alpha_select",
-    "beta_select",
-    "alpha_merge",
-    "beta_merge",
-    "learnable_merge_weights",
-)
+# The model arguments that are COMIConfig fields (the dataclass above names them as the config does).
+COMI_FIELDS = tuple(name for name in ModelArguments.__dataclass_fields__ if name in COMIConfig.__dataclass_fields__)
 # Fields that change the architecture: an existing COMI checkpoint keeps its own.
 ARCHITECTURE_FIELDS = ("encoder_layers", "num_mem_fusion_layers", "learnable_merge_weights")
 

@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_status_2(model_dir, tmp_path, args, stdin, me
     _one_error_line(done, message)
 
 
-def test_a_byte_order_mark_does_not_change_the_answer(model_dir, tmp_path):
+def test_a_byte_order_mark_does_not_change_the_answer(model_dir, tmp_path, tokenizer):
     (tmp_path / "doc.txt").write_text(DOCUMENT, encoding="utf-8")
     (tmp_path / "bom.txt").write_text(DOCUMENT, encoding="utf-8-sig")
     (tmp_path / "questions.txt").write_text("\n".join(QUESTIONS), encoding="utf-8-sig")
@@ -109,10 +109,8 @@ def test_a_byte_order_mark_does_not_change_the_answer(model_dir, tmp_path):
         stdin="\ufeff" + DOCUMENT,
     )
     assert plain.returncode == marked.returncode == piped.returncode == 0, marked.stderr
-    alone = [
-        _run(["--model", str(model_dir), "--context-file", "doc.txt", "--question", q], tmp_path).stdout
-        for q in QUESTIONS
-    ]
+    pipe = pipeline(PIPELINE_TASK, model=tiny_comi(), tokenizer=tokenizer)
+    alone = [pipe(context=DOCUMENT, question=question)["answer"] + "\n" for question in QUESTIONS]
     assert plain.stdout == marked.stdout == piped.stdout == "".join(alone)
 
 

@@ -1,7 +1,10 @@
 """`comi-convert` on a state dict laid out like the official training code's (SPEC §7)."""
 
+import contextlib
+import io
 import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 from comi_hf.convert import convert_official_state_dict, main
+from comi_hf_cli import comi_convert
 
 LORA_R, LORA_ALPHA = 4, 8
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -152,9 +156,20 @@ def test_checkpoint_without_lsa_layers_converts_end_to_end(backbone_dir, tmp_pat
     assert torch.equal(converted.generate(*batch, merge_size=4), reference.generate(*batch, merge_size=4))
 
 
-def _run_cli(args, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(["comi-convert", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def _run_cli(args, tmp_path, in_process=False):
+    """`comi-convert ARGS`: its exit status and messages. In a subprocess, as a user runs it, or (each
+    subprocess spends seconds importing torch) the console script's function in this process."""
+    if not in_process:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        command = ["comi-convert", *args]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = comi_convert(args)
+        except SystemExit as exit:
+            code = exit.code
+    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def test_mismatches_are_refused_with_the_offending_keys(backbone_dir, tmp_path):
@@ -179,28 +194,30 @@ def test_mismatches_are_refused_with_the_offending_keys(backbone_dir, tmp_path):
     wider = dict(state)
     wider["encoder.model.norm.weight"] = torch.ones(64)
     save_file(wider, tmp_path / "wider.safetensors")
-    done = _run_cli([str(tmp_path / "wider.safetensors"), *base], tmp_path)
+    done = _run_cli([str(tmp_path / "wider.safetensors"), *base], tmp_path, in_process=True)
     assert done.returncode == 2 and "wrong shapes: encoder.norm.weight (64,) vs (32,)" in done.stderr
 
     save_file(state, tmp_path / "model.safetensors")
-    done = _run_cli([str(tmp_path / "model.safetensors"), *base[:-4], "--lora-r", "8", "--lora-alpha", "8"], tmp_path)
+    done = _run_cli(
+        [str(tmp_path / "model.safetensors"), *base[:-4], "--lora-r", "8", "--lora-alpha", "8"], tmp_path, True
+    )
     assert done.returncode == 2 and "rank 4, but --lora-r is 8" in done.stderr
 
     for name, value in (("alpha_select", float("nan")), ("beta_merge", float("inf"))):
         save_file(dict(state, **{name: torch.tensor(value)}), tmp_path / "nonfinite.safetensors")
-        done = _run_cli([str(tmp_path / "nonfinite.safetensors"), *base], tmp_path)
+        done = _run_cli([str(tmp_path / "nonfinite.safetensors"), *base], tmp_path, in_process=True)
         assert done.returncode == 2 and f"`{name}` is {value}: MIG needs finite weights" in done.stderr
 
     deeper = _reference(None, encoder_layers=4)
     deeper_state, _ = official_state_dict(deeper)
     save_file(_with_extra_encoder_layer(deeper_state), tmp_path / "deep.safetensors")
-    done = _run_cli([str(tmp_path / "deep.safetensors"), *base], tmp_path)
+    done = _run_cli([str(tmp_path / "deep.safetensors"), *base], tmp_path, in_process=True)
     assert done.returncode == 2 and "encoder has 5 layers, more than the 4" in done.stderr
 
     save_file(state, tmp_path / "whole.safetensors")
     data = (tmp_path / "whole.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    done = _run_cli([str(tmp_path / "truncated.safetensors"), *base], tmp_path)
+    done = _run_cli([str(tmp_path / "truncated.safetensors"), *base], tmp_path, in_process=True)
     assert done.returncode == 2 and "truncated, or not a safetensors file" in done.stderr
 
     for done in (
@@ -211,5 +228,5 @@ def test_mismatches_are_refused_with_the_offending_keys(backbone_dir, tmp_path):
         assert done.stderr.startswith("comi-convert: error: --lora-")
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    done = _run_cli([str(tmp_path / "pytorch_model.bin"), *base], tmp_path)
+    done = _run_cli([str(tmp_path / "pytorch_model.bin"), *base], tmp_path, in_process=True)
     assert done.returncode == 2 and "only safetensors" in done.stderr

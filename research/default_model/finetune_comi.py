@@ -43,11 +43,11 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, Tr
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from comi_hf import COMIForConditionalGeneration
+from comi_hf.compressor_comi import COMIMIGCompressor
 from comi_hf.configuration_comi import draw_merge_size
 from comi_hf.data import COMIDataCollator, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize
 from comi_hf.model_card import write_model_card
-from comi_hf.modeling_comi import COMIMIGCompressor
 from comi_hf.synthetic import SPLIT_SEEDS, FactSpan, make_document
 from comi_hf.training import weights_without_gradient
 
