@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BLOCK = re.compile(r"(<!-- not run[^>]*-->\n)?```(python|sh)\n(.*?)```", flags=re.S)
 BLOCKS = [(kind, code) for skipped, kind, code in BLOCK.findall(README.read_text()) if not skipped]
+# What the README says a block prints: "prints `...`" right after it, or a `# {...}` line under a print.
+PRINTS = re.compile(r"```(?:python|sh)\n(.*?)```\n\nprints `([^`]+)`", flags=re.S)
+STATED = {code: [output] for code, output in PRINTS.findall(README.read_text())}
+for _, code in BLOCKS:
+    STATED.setdefault(code, []).extend(re.findall(r"^print\(.*\)\n# ([\[{].*)$", code, flags=re.M))
 
 
 def test_the_readme_is_a_short_manual():
@@ -28,6 +33,10 @@ def test_the_readme_is_a_short_manual():
     assert "../shared" not in text and "/tmp/" not in text
     assert any(kind == "python" for kind, _ in BLOCKS) and any(kind == "sh" for kind, _ in BLOCKS)
     assert BLOCK.findall(text)[0][0] == "" and any(skipped for skipped, _, _ in BLOCK.findall(text))
+
+
+def test_the_stated_outputs_are_found():
+    assert sum(len(outputs) for outputs in STATED.values()) >= 2  # the comi-qa line and the pipeline's dict
 
 
 def test_ci_runs_the_readme_test_command():
@@ -50,6 +59,8 @@ def test_readme_block_runs_alone(index, tmp_path):
         command = ["bash", "-euo", "pipefail", "-c", code]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{kind} block {index} failed:\n{code}\n{done.stderr[-3000:]}"
+    for output in STATED.get(code, []):
+        assert output in done.stdout, f"the README says block {index} prints {output!r}; it printed {done.stdout!r}"
     # Everything a block writes goes under scratch/, which .gitignore covers.
     written = {path.name for path in tmp_path.iterdir()} - {"examples", "src", "block.py", "modules"}
     assert written <= {"scratch"}, written
