@@ -1,4 +1,5 @@
-"""A deliberately plain, loop-based implementation of SPEC.md §3-5, used to check `mig_compress`."""
+"""A deliberately plain, loop-based implementation of docs/method.md's MIG (both stages), used to
+check `mig_compress`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`comi-convert` on a state dict laid out like the official training code's (SPEC §7)."""
+"""`comi-convert` on a state dict laid out like the official training code's (docs/method.md)."""
 
 import contextlib
 import io

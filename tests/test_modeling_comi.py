@@ -39,7 +39,7 @@ def test_linear_alignment_when_lsa_is_disabled_starts_as_identity():
 
 
 def test_memory_matches_a_hand_built_pipeline():
-    """Encoder → mean query → SPEC MIG (loop reference) → LSA, one sample, one segment."""
+    """Encoder → mean query → MIG (loop reference of docs/method.md) → LSA, one sample, one segment."""
     model = tiny_comi(segment_size=1000).double()
     input_ids, _, query_ids, _ = sample(random_batch(), 0)
     with torch.no_grad():

@@ -11,22 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_batch, tiny_comi
+from transformers.dynamic_module_utils import get_relative_import_files
 
 import comi_hf
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(comi_hf.__file__).resolve().parent
-REMOTE_CODE_FILES = (
-    "compressor_comi.py",
-    "configuration_comi.py",
-    "modeling_comi.py",
-    "mig.py",
-    "packing.py",
-    "pipeline_comi.py",
+# What `save_pretrained` copies: the model file and what it imports, found as transformers finds them.
+REMOTE_CODE_FILES = tuple(
+    sorted({"modeling_comi.py"} | {Path(path).name for path in get_relative_import_files(PACKAGE / "modeling_comi.py")})
 )
 
 
 def test_top_level_entry_points_are_the_package_files():
+    assert {path.name for path in REPO.glob("*.py")} == set(REMOTE_CODE_FILES)
     for name in REMOTE_CODE_FILES:
         entry = REPO / name
         assert entry.is_symlink(), f"{name} must link to the package's file, not copy it"

@@ -3,7 +3,7 @@
     comi-convert model.safetensors --backbone Qwen/Qwen3-4B-Instruct-2507 --output-dir comi-qwen3 \
         --lora-r 128 --lora-alpha 32 [--merge-size 16] [--segment-size 10000]
 
-The official script saves the whole module's `state_dict()` (SPEC §7). Encoder and LSA depths
+The official script saves the whole module's `state_dict()` (docs/method.md). Encoder and LSA depths
 are read from the keys, the decoder's LoRA is merged with scaling alpha / r (the checkpoint does
 not record it: pass the training run's values), and the tokenizer is copied from the backbone.
 Every key is either used or dropped for a stated reason; anything else stops the conversion.

@@ -1,4 +1,4 @@
-"""COMI data: the official JSONL format (SPEC §8), tokenisation (SPEC §6) and a padding collator.
+"""COMI data: the official JSONL format (docs/method.md), tokenisation (docs/method.md) and a padding collator.
 
 Each line is `{"input": context, "prompt": question, "answer": str or non-empty list of str}`.
 Malformed lines are errors naming the file, the line and the field; nothing is skipped.
@@ -103,7 +103,8 @@ def truncate_context(token_ids: list[int], max_tokens: int | None) -> list[int]:
 
 
 def tokenize_example(example: dict, tokenizer, max_context_tokens: int | None = None) -> dict:
-    """SPEC §6: context, question and answer without special tokens; labels = first answer + EOS."""
+    """As in the official code (docs/method.md): context, question and answer without special tokens;
+    labels = first answer + EOS."""
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token; COMI's labels end with one.")
     context = tokenizer(example["context"], add_special_tokens=False)["input_ids"]

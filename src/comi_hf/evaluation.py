@@ -1,4 +1,4 @@
-"""Batched answering of a COMI dataset and SQuAD-style scoring (SPEC §8)."""
+"""Batched answering of a COMI dataset and SQuAD-style scoring (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SQuAD-style answer scoring (SPEC §8): exact match and token F1 against the best reference."""
+"""SQuAD-style answer scoring (docs/method.md): exact match and token F1 against the best reference."""
 
 from __future__ import annotations
 

@@ -17,20 +17,17 @@ where another process (a vLLM server) holds the decoder.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import logging
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin
-from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging as hf_logging
 
+from .backbone_comi import copy_backbone_into_encoder_and_lsa, load_backbone
 from .compressor_comi import (
     MIG_OPTIONS,
     COMICompressionModel,
@@ -38,9 +35,15 @@ from .compressor_comi import (
     _check_vocabulary,
     _describe,
     loading_problems,
-    loading_report,
 )
 from .configuration_comi import COMIConfig
+from .generation_comi import (
+    check_servable,
+    official_generation_config,
+    resolve_generation_settings,
+    serving_generation_config,
+    warn_past_positions,
+)
 from .packing import COMICompressionDetails, COMIContextEncoding, decoder_inputs
 from .pipeline_comi import custom_pipelines_entry, encode_texts
 
@@ -56,31 +59,6 @@ __all__ = [
     "loading_problems",
     "official_generation_config",
 ]
-
-logger = hf_logging.get_logger(__name__)
-
-# Where a plain decoder-only checkpoint's weights go inside COMI (they fill the decoder;
-# the encoder and the LSA block are then copied from it).
-_BACKBONE_KEY_MAPPING = {r"^model\.": "decoder.model.", r"^lm_head\.": "decoder.lm_head."}
-# Parts of COMI that a plain backbone checkpoint cannot contain.
-_NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
-
-
-def official_generation_config(config: COMIConfig) -> GenerationConfig:
-    """Generation settings of the official COMI evaluation: greedy, 20 new tokens, repetition penalty 1.3."""
-    text_config = config.get_text_config()
-    eos_token_id = getattr(text_config, "eos_token_id", None)
-    pad_token_id = getattr(text_config, "pad_token_id", None)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
-    return GenerationConfig(
-        do_sample=False,
-        max_new_tokens=20,
-        repetition_penalty=1.3,
-        bos_token_id=getattr(text_config, "bos_token_id", None),
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
 
 
 @dataclass
@@ -175,7 +153,7 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
 
         The decoder is the checkpoint itself; the encoder is a copy of its first
         `encoder_layers` layers plus its embeddings and final norm; the LSA block is a copy of
-        its first `num_mem_fusion_layers` layers plus its final norm (SPEC §1).
+        its first `num_mem_fusion_layers` layers plus its final norm (docs/method.md).
 
         Args:
             pretrained_model_name_or_path: the backbone (Qwen2, Qwen3, Llama, Mistral, ...).
@@ -190,64 +168,15 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
             "local_files_only": local_files_only,
             "trust_remote_code": trust_remote_code,
         }
-        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-        if getattr(backbone_config, "model_type", None) == COMIConfig.model_type:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} is already a COMI model: load it with "
-                "`COMIForConditionalGeneration.from_pretrained`."
-            )
-        config = COMIConfig(text_config=backbone_config, **config_overrides)
-        # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
-        # would report as missing at length; drop that report and check the loading here instead.
-        report_logger = hf_logging.get_logger("transformers.modeling_utils")
-        report_logger.addFilter(_drop_loading_report)
-        try:
-            # transformers' own loading, not COMI's (which refuses the missing encoder and LSA).
-            model, loading_info = super(COMIPreTrainedModel, cls).from_pretrained(
-                pretrained_model_name_or_path,
-                config=config,
-                key_mapping=_BACKBONE_KEY_MAPPING,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                dtype=dtype,
-                device_map=device_map,
-                attn_implementation=attn_implementation,
-                **hub,
-            )
-        finally:
-            report_logger.removeFilter(_drop_loading_report)
-        problems = loading_report(loading_info, expected_missing=_NOT_IN_BACKBONE)
-        if problems:
-            raise ValueError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
-        # transformers remembers the key mapping used to load and reverts it on save; this model
-        # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
-        vars(model).pop("_weight_conversions", None)
-        # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
-        # only to weights found in the checkpoint.
-        model.compressor.float()
+        loading = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
+        model = load_backbone(cls, pretrained_model_name_or_path, hub, loading, config_overrides)
         model.copy_backbone_into_encoder_and_lsa()
         model.generation_config = official_generation_config(model.config)
         return model
 
-    @torch.no_grad()
     def copy_backbone_into_encoder_and_lsa(self) -> None:
-        """(Re)initialise the encoder and the LSA block from the decoder's weights (SPEC §1)."""
-        source = dict(self.decoder.get_decoder().state_dict(keep_vars=True))
-        targets = [self.encoder] + ([self.lsa] if self.config.num_mem_fusion_layers > 0 else [])
-        for target in targets:
-            for name, tensor in target.state_dict(keep_vars=True).items():
-                if name not in source:
-                    raise KeyError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
-                # Under DeepSpeed ZeRO-3 (`zero.Init`, which `from_pretrained` enters whenever a ZeRO-3
-                # config is active) each process holds an empty shard: gather the pair, copy, and let
-                # rank 0's copy be re-partitioned. Gathered one pair at a time, never the whole model.
-                with _gathered([source[name], tensor]):
-                    if source[name].is_meta or tensor.is_meta:
-                        raise RuntimeError(
-                            "Cannot copy the backbone into the encoder while weights are offloaded (meta device); "
-                            "load without CPU/disk offload, save, then use `from_pretrained`."
-                        )
-                    tensor.data.copy_(source[name].data.to(device=tensor.device, dtype=tensor.dtype))
+        """(Re)initialise the encoder and the LSA block from the decoder's weights."""
+        copy_backbone_into_encoder_and_lsa(self)
 
     def forward(
         self,
@@ -279,25 +208,15 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
         Each sample is packed without gaps and right-padded, so a batch gives every sample the
         result it gets alone.
         """
-        memory, memory_mask, query_mask = self._memory_and_query(
-            input_ids, attention_mask, query_ids, query_attention_mask, merge_size, memory
+        memory, memory_mask, query_mask = _memory_and_query(
+            self, input_ids, attention_mask, query_ids, query_attention_mask, merge_size, memory
         )
         if labels is not None:
-            if (
-                not isinstance(labels, torch.Tensor)
-                or labels.dim() != 2
-                or labels.dtype not in (torch.long, torch.int)
-                or labels.shape[0] != query_ids.shape[0]
-            ):
-                raise ValueError(
-                    f"`labels` must be a ({query_ids.shape[0]}, answer_len) tensor of token ids (-100 on padding), "
-                    f"got {_describe(labels)}."
-                )
-            _check_vocabulary(labels[labels != -100], "labels", self.get_input_embeddings().num_embeddings)
+            _check_labels(labels, query_ids.shape[0], self.get_input_embeddings().num_embeddings)
         inputs_embeds, decoder_mask, decoder_labels = decoder_inputs(
             self.get_input_embeddings(), memory, memory_mask, query_ids, query_mask, labels
         )
-        self._warn_past_positions(inputs_embeds.shape[1])
+        warn_past_positions(self, inputs_embeds.shape[1])
         outputs = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=decoder_mask.long(),
@@ -315,29 +234,6 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def _memory_and_query(
-        self, input_ids, attention_mask, query_ids, query_attention_mask, merge_size, memory, **compress_kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The memory (compressed here, or given) and the query's real-token mask."""
-        has_context = input_ids is not None or compress_kwargs.get("context_encoding") is not None
-        if query_ids is None or (memory is None and not has_context):
-            raise ValueError(
-                "COMI needs a context (`input_ids`, `context_encoding` or `memory`) and a query (`query_ids`)."
-            )
-        if memory is None:
-            memory, memory_mask = self.compress(
-                input_ids, attention_mask, query_ids, query_attention_mask, merge_size, **compress_kwargs
-            )
-        elif has_context or merge_size is not None:
-            raise ValueError(
-                "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
-                "`memory`, not both."
-            )
-        else:
-            memory, memory_mask = _check_memory(memory, query_ids.shape[0])
-        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
-        return memory, memory_mask, query_mask
 
     @torch.no_grad()
     def generate(
@@ -381,22 +277,24 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
             if input_ids is not None or query_ids is not None:
                 raise ValueError("Pass either text (`context=`, `query=`) or token ids, not both.")
             input_ids, attention_mask, query_ids, query_attention_mask = _tokenize_text(context, query, tokenizer)
-        memory, memory_mask, query_mask = self._memory_and_query(
+        memory, memory_mask, query_mask = _memory_and_query(
+            self,
             input_ids,
             attention_mask,
             query_ids,
             query_attention_mask,
             merge_size,
             memory,
-            **({"context_encoding": context_encoding} if context_encoding is not None else {}),
-            **({"context_index": context_index} if context_index is not None else {}),
+            context_encoding,
+            context_index,
         )
         inputs_embeds, decoder_mask, _ = decoder_inputs(
             self.get_input_embeddings(), memory, memory_mask, query_ids, query_mask, left_pad=True
         )
-        generation_config, processors, generate_kwargs = self._generation_settings(
-            generation_config, logits_processor, kwargs, inputs_embeds.shape[1]
+        generation_config, processors, generate_kwargs, new_tokens = resolve_generation_settings(
+            self.generation_config, generation_config, logits_processor, kwargs, inputs_embeds.shape[1]
         )
+        warn_past_positions(self, inputs_embeds.shape[1], new_tokens)
         # The decoder fills unset generation values from its own generation config: make it ours.
         self.decoder.generation_config = self.generation_config
         return self.decoder.generate(
@@ -406,29 +304,6 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
             logits_processor=processors,
             **generate_kwargs,
         )
-
-    def _generation_settings(self, generation_config, logits_processor, kwargs: dict, prompt_len: int):
-        """Resolve the settings as `generate` does (call arguments > the given config > the
-        model's), so that the repetition penalty in force is known here."""
-        generation_config = copy.deepcopy(
-            generation_config if generation_config is not None else self.generation_config
-        )
-        generation_config.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
-        generate_kwargs = generation_config.update(**kwargs)
-        new_tokens = generation_config.max_new_tokens
-        if new_tokens is None:
-            new_tokens = max(generation_config.max_length - prompt_len, 0)
-        self._warn_past_positions(prompt_len, new_tokens)
-        processors = LogitsProcessorList(logits_processor or [])
-        penalty = generation_config.repetition_penalty
-        # `generate` skips each sample's left-padding length of the token history when it
-        # applies this penalty; with an embeddings prompt that history holds only new tokens,
-        # so padded samples would escape it. Apply it here, over all of them, and keep the
-        # decoder from adding its own.
-        generation_config.repetition_penalty = 1.0
-        if penalty is not None and penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(penalty))
-        return generation_config, processors, generate_kwargs
 
     def export_decoder(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Save the decoder alone as a causal-LM directory that vLLM serves unchanged.
@@ -440,46 +315,11 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
         placeholder prompt ids for prompt embeddings, and `comi_hf`'s clients send the penalty to
         comi_hf's vLLM logits processor instead.
         """
-        lora = [name for name, _ in self.decoder.named_parameters() if "lora_" in name]
-        if lora:
-            raise ValueError(f"The decoder still holds LoRA adapters ({lora[0]}, ...): merge them first.")
-        dtype = self.decoder.get_input_embeddings().weight.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"vLLM serves float32, float16 or bfloat16 weights, not {dtype}: convert the model first.")
-        text_config = self.decoder.config
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        if head_dim < 32:
-            logger.warning(
-                "The decoder's head_dim is %d: vLLM's CPU attention backend refuses head dims below 32 "
-                "(GPU backends may serve it).",
-                head_dim,
-            )
+        check_servable(self.decoder)
         self.decoder.save_pretrained(save_directory)
-        settings = self.generation_config
-        GenerationConfig(
-            do_sample=bool(settings.do_sample),
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=settings.eos_token_id,
-            pad_token_id=settings.pad_token_id,
-            bos_token_id=settings.bos_token_id,
-        ).save_pretrained(save_directory)
+        serving_generation_config(self.generation_config).save_pretrained(save_directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
-
-    def _warn_past_positions(self, decoder_len: int, new_tokens: int = 0) -> None:
-        """Warn (once per model) when the decoder reads more positions than it was trained for."""
-        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
-        if limit is None or decoder_len + new_tokens <= limit or getattr(self, "_warned_past_positions", False):
-            return
-        self._warned_past_positions = True
-        logger.warning(
-            "The decoder reads %d positions (memory vectors and query%s), more than its max_position_embeddings "
-            "(%d): its answers past that length are unreliable. Compress more (a larger merge_size) or truncate "
-            "the context.",
-            decoder_len + new_tokens,
-            f", and up to {new_tokens} new tokens" if new_tokens else "",
-            limit,
-        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save weights (safetensors), config, generation config and the remote code, pipeline included.
@@ -547,16 +387,26 @@ class COMIPromptEncoder(COMICompressionModel):
         query_ids: torch.LongTensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
         merge_size: int | None = None,
-        **compress_kwargs,
+        *,
+        context_encoding: COMIContextEncoding | None = None,
+        context_index: torch.LongTensor | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Each query's decoder input `[memory ; query]`, `(memory_len + query_len, hidden)`, unpadded.
 
-        Takes [`compress`]'s arguments (`context_encoding=`, `context_index=`, ...).
+        Takes the inputs of `COMIForConditionalGeneration.generate` as token ids.
         """
-        memory, memory_mask = self.compress(
-            input_ids, attention_mask, query_ids, query_attention_mask, merge_size, **compress_kwargs
+        memory, memory_mask, query_mask = _memory_and_query(
+            self,
+            input_ids,
+            attention_mask,
+            query_ids,
+            query_attention_mask,
+            merge_size,
+            memory,
+            context_encoding,
+            context_index,
         )
-        query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         embeds, mask, _ = decoder_inputs(self.embed_tokens, memory, memory_mask, query_ids, query_mask)
         return [row[row_mask] for row, row_mask in zip(embeds, mask, strict=True)]
 
@@ -569,19 +419,57 @@ def _hub_subset(kwargs: dict) -> dict:
     return {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
 
 
-def _drop_loading_report(record: logging.LogRecord) -> bool:
-    return record.funcName != "log_state_dict_report"
+def _memory_and_query(
+    model: COMICompressionModel,
+    input_ids,
+    attention_mask,
+    query_ids,
+    query_attention_mask,
+    merge_size,
+    memory=None,
+    context_encoding=None,
+    context_index=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory (compressed here, or given) and the query's real-token mask: the checks and the
+    compression that `forward`, `generate` and `prompt_embeds` share."""
+    has_context = input_ids is not None or context_encoding is not None
+    if query_ids is None or (memory is None and not has_context):
+        raise ValueError(
+            "COMI needs a context (`input_ids`, `context_encoding` or `memory`) and a query (`query_ids`)."
+        )
+    if memory is None:
+        memory, memory_mask = model.compress(
+            input_ids,
+            attention_mask,
+            query_ids,
+            query_attention_mask,
+            merge_size,
+            context_encoding=context_encoding,
+            context_index=context_index,
+        )
+    elif has_context or merge_size is not None:
+        raise ValueError(
+            "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
+            "`memory`, not both."
+        )
+    else:
+        memory, memory_mask = _check_memory(memory, query_ids.shape[0])
+    query_mask = model._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
+    return memory, memory_mask, query_mask
 
 
-def _gathered(tensors: list[torch.Tensor]):
-    """DeepSpeed ZeRO-3's `GatheredParameters` over `tensors` where any is a partitioned parameter
-    (changes made on rank 0 are kept), else a no-op context."""
-    partitioned = [tensor for tensor in tensors if hasattr(tensor, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+def _check_labels(labels: object, num_queries: int, vocab_size: int) -> None:
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.dim() != 2
+        or labels.dtype not in (torch.long, torch.int)
+        or labels.shape[0] != num_queries
+    ):
+        raise ValueError(
+            f"`labels` must be a ({num_queries}, answer_len) tensor of token ids (-100 on padding), "
+            f"got {_describe(labels)}."
+        )
+    _check_vocabulary(labels[labels != -100], "labels", vocab_size)
 
 
 def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:

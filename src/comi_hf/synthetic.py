@@ -10,7 +10,7 @@ A document is a shuffled run of sentences of these kinds, about a target length 
 The question asks for the target's code: it appears once in the document and cannot be guessed
 without reading (chance level 1 / 10,000; picking any code of the document gives 1 / number of
 codes). Every document is determined by its split's seed and its index; the splits use disjoint
-seeds. Records are the official JSONL format (SPEC §8); every word is one token of a word-level
+seeds. Records are the official JSONL format (docs/method.md); every word is one token of a word-level
 tokenizer built from `vocabulary()`.
 
     comi-synth --split train --num-docs 2000 --words 256 --output train.jsonl

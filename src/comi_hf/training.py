@@ -1,7 +1,8 @@
 """The official training recipe on a COMI model: which parts train, fully or with LoRA (peft).
 
-SPEC §6: encoder and LSA fully trained, decoder frozen except LoRA on its attention projections
-(r 128, alpha 32, dropout 0.05). Every part can instead be frozen, trained fully or given LoRA.
+The official recipe (docs/method.md): encoder and LSA fully trained, decoder frozen except LoRA
+on its attention projections (r 128, alpha 32, dropout 0.05). Every part can instead be frozen,
+trained fully or given LoRA.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+src/comi_hf/backbone_comi.py

@@ -1,0 +1,1 @@
+src/comi_hf/generation_comi.py

@@ -1,0 +1,113 @@
+"""Building COMI from a decoder-only backbone checkpoint (Qwen2, Qwen3, Llama, Mistral, ...).
+
+The backbone's weights fill the decoder; the encoder (its first `encoder_layers` layers, its
+embeddings and final norm) and the LSA block (its first `num_mem_fusion_layers` layers and final
+norm) start as copies of them (docs/method.md, "The model").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+
+import torch
+from transformers import AutoConfig
+from transformers.utils import logging as hf_logging
+
+from .compressor_comi import COMIPreTrainedModel, loading_report
+from .configuration_comi import COMIConfig
+
+__all__ = ["copy_backbone_into_encoder_and_lsa", "load_backbone"]
+
+# Where a plain decoder-only checkpoint's weights go inside COMI.
+_BACKBONE_KEY_MAPPING = {r"^model\.": "decoder.model.", r"^lm_head\.": "decoder.lm_head."}
+# Parts of COMI that a plain backbone checkpoint cannot contain.
+_NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
+
+
+def load_backbone(
+    cls: type[COMIPreTrainedModel],
+    pretrained_model_name_or_path: str | os.PathLike,
+    hub: dict,
+    loading: dict,
+    config_overrides: dict,
+) -> COMIPreTrainedModel:
+    """A `cls` model whose decoder holds the backbone's weights (encoder and LSA not yet copied).
+
+    Args:
+        hub: Hub options (`revision`, `token`, `cache_dir`, `local_files_only`, `trust_remote_code`).
+        loading: `from_pretrained` options (`dtype`, `device_map`, `attn_implementation`).
+        config_overrides: [`COMIConfig`] fields.
+    """
+    backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+    if getattr(backbone_config, "model_type", None) == COMIConfig.model_type:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is already a COMI model: load it with "
+            "`COMIForConditionalGeneration.from_pretrained`."
+        )
+    config = COMIConfig(text_config=backbone_config, **config_overrides)
+    # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
+    # would report as missing at length; drop that report and check the loading here instead.
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_loading_report)
+    try:
+        # transformers' own loading, not COMI's (which refuses the missing encoder and LSA).
+        model, loading_info = super(COMIPreTrainedModel, cls).from_pretrained(
+            pretrained_model_name_or_path,
+            config=config,
+            key_mapping=_BACKBONE_KEY_MAPPING,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **loading,
+            **hub,
+        )
+    finally:
+        report_logger.removeFilter(_drop_loading_report)
+    problems = loading_report(loading_info, expected_missing=_NOT_IN_BACKBONE)
+    if problems:
+        raise ValueError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
+    # transformers remembers the key mapping used to load and reverts it on save; this model
+    # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
+    vars(model).pop("_weight_conversions", None)
+    # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
+    # only to weights found in the checkpoint.
+    model.compressor.float()
+    return model
+
+
+@torch.no_grad()
+def copy_backbone_into_encoder_and_lsa(model: COMIPreTrainedModel) -> None:
+    """(Re)initialise `model`'s encoder and LSA block from its decoder's weights."""
+    source = dict(model.decoder.get_decoder().state_dict(keep_vars=True))
+    targets = [model.encoder] + ([model.lsa] if model.config.num_mem_fusion_layers > 0 else [])
+    for target in targets:
+        for name, tensor in target.state_dict(keep_vars=True).items():
+            if name not in source:
+                raise KeyError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
+            # Under DeepSpeed ZeRO-3 (`zero.Init`, which `from_pretrained` enters whenever a ZeRO-3
+            # config is active) each process holds an empty shard: gather the pair, copy, and let
+            # rank 0's copy be re-partitioned. Gathered one pair at a time, never the whole model.
+            with _gathered([source[name], tensor]):
+                if source[name].is_meta or tensor.is_meta:
+                    raise RuntimeError(
+                        "Cannot copy the backbone into the encoder while weights are offloaded (meta device); "
+                        "load without CPU/disk offload, save, then use `from_pretrained`."
+                    )
+                tensor.data.copy_(source[name].data.to(device=tensor.device, dtype=tensor.dtype))
+
+
+def _drop_loading_report(record: logging.LogRecord) -> bool:
+    return record.funcName != "log_state_dict_report"
+
+
+def _gathered(tensors: list[torch.Tensor]):
+    """DeepSpeed ZeRO-3's `GatheredParameters` over `tensors` where any is a partitioned parameter
+    (changes made on rank 0 are kept), else a no-op context."""
+    partitioned = [tensor for tensor in tensors if hasattr(tensor, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)

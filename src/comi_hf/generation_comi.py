@@ -1,0 +1,126 @@
+"""How COMI generates: the official evaluation's settings, the call's settings resolved as `generate`
+resolves them, and the settings and checks for a decoder served elsewhere (vLLM).
+
+The decoder reads an embeddings prompt (`[memory ; query]`), which changes two things that a
+plain causal LM gets for free: the repetition penalty must be applied here (see
+[`resolve_generation_settings`]), and a served decoder must not apply its own over placeholder ids.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.utils import logging as hf_logging
+
+__all__ = [
+    "check_servable",
+    "official_generation_config",
+    "resolve_generation_settings",
+    "serving_generation_config",
+    "warn_past_positions",
+]
+
+logger = hf_logging.get_logger(__name__)
+
+
+def official_generation_config(config) -> GenerationConfig:
+    """Generation settings of the official COMI evaluation: greedy, 20 new tokens, repetition penalty 1.3.
+
+    Args:
+        config: a `COMIConfig` (its text config gives the BOS, EOS and padding ids).
+    """
+    text_config = config.get_text_config()
+    eos_token_id = getattr(text_config, "eos_token_id", None)
+    pad_token_id = getattr(text_config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=20,
+        repetition_penalty=1.3,
+        bos_token_id=getattr(text_config, "bos_token_id", None),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def resolve_generation_settings(
+    model_settings: GenerationConfig,
+    generation_config: GenerationConfig | None,
+    logits_processor: LogitsProcessorList | None,
+    kwargs: dict,
+    prompt_len: int,
+) -> tuple[GenerationConfig, LogitsProcessorList, dict, int]:
+    """Resolve the settings as `generate` does (call arguments > the given config > the model's).
+
+    Returns the resolved config, the logits processors, the call arguments that are not
+    generation settings (for `generate` itself), and the number of new tokens at most.
+    """
+    generation_config = copy.deepcopy(generation_config if generation_config is not None else model_settings)
+    generation_config.update(**model_settings.to_dict(), defaults_only=True, allow_custom_entries=True)
+    generate_kwargs = generation_config.update(**kwargs)
+    new_tokens = generation_config.max_new_tokens
+    if new_tokens is None:
+        new_tokens = max(generation_config.max_length - prompt_len, 0)
+    processors = LogitsProcessorList(logits_processor or [])
+    penalty = generation_config.repetition_penalty
+    # `generate` skips each sample's left-padding length of the token history when it applies
+    # this penalty; with an embeddings prompt that history holds only new tokens, so padded
+    # samples would escape it. Apply it here, over all of them, and keep the decoder from adding
+    # its own.
+    generation_config.repetition_penalty = 1.0
+    if penalty is not None and penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+    return generation_config, processors, generate_kwargs, new_tokens
+
+
+def warn_past_positions(model: nn.Module, decoder_len: int, new_tokens: int = 0) -> None:
+    """Warn (once per model) when the decoder reads more positions than it was trained for."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is None or decoder_len + new_tokens <= limit or getattr(model, "_warned_past_positions", False):
+        return
+    model._warned_past_positions = True
+    logger.warning(
+        "The decoder reads %d positions (memory vectors and query%s), more than its max_position_embeddings "
+        "(%d): its answers past that length are unreliable. Compress more (a larger merge_size) or truncate "
+        "the context.",
+        decoder_len + new_tokens,
+        f", and up to {new_tokens} new tokens" if new_tokens else "",
+        limit,
+    )
+
+
+def check_servable(decoder: nn.Module) -> None:
+    """Refuse a decoder vLLM cannot serve as saved (LoRA adapters, a dtype it lacks); warn about a
+    head dim its CPU backend refuses."""
+    lora = [name for name, _ in decoder.named_parameters() if "lora_" in name]
+    if lora:
+        raise ValueError(f"The decoder still holds LoRA adapters ({lora[0]}, ...): merge them first.")
+    dtype = decoder.get_input_embeddings().weight.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"vLLM serves float32, float16 or bfloat16 weights, not {dtype}: convert the model first.")
+    text_config = decoder.config
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    if head_dim < 32:
+        logger.warning(
+            "The decoder's head_dim is %d: vLLM's CPU attention backend refuses head dims below 32 "
+            "(GPU backends may serve it).",
+            head_dim,
+        )
+
+
+def serving_generation_config(settings: GenerationConfig) -> GenerationConfig:
+    """The generation config saved beside a served decoder: EOS and length settings, no repetition
+    penalty (vLLM's own also counts the placeholder prompt ids of prompt embeddings; comi_hf's
+    clients send the penalty to its vLLM logits processor instead)."""
+    return GenerationConfig(
+        do_sample=bool(settings.do_sample),
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=settings.eos_token_id,
+        pad_token_id=settings.pad_token_id,
+        bos_token_id=settings.bos_token_id,
+    )
