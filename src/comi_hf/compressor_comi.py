@@ -19,8 +19,8 @@ from transformers import AutoModel, DynamicCache
 from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
 
-from .configuration_comi import COMIConfig, check_merge_size, draw_merge_size
-from .mig import NonFiniteInputError, mig_compress
+from .configuration_comi import COMIConfig, draw_merge_size
+from .mig import NonFiniteInputError, check_merge_size, describe_value, mig_compress
 from .packing import (
     COMIContextEncoding,
     concatenate_rows,
@@ -417,14 +417,14 @@ def _real_token_mask(
     """The `(batch, len)` bool mask of real tokens, with `ids` checked: a batch of token ids
     below `vocab_size` wherever the mask is set (padding may hold any id)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-        raise ValueError(f"`{ids_name}` must be a (batch, length) tensor of token ids, got {_describe(ids)}.")
+        raise ValueError(f"`{ids_name}` must be a (batch, length) tensor of token ids, got {describe_value(ids)}.")
     if ids.shape[0] == 0:
         raise ValueError(f"`{ids_name}` is an empty batch.")
     if mask is None:
         real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     elif not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
         raise ValueError(
-            f"`{mask_name}` must have the shape of `{ids_name}` {tuple(ids.shape)}, got {_describe(mask)}."
+            f"`{mask_name}` must have the shape of `{ids_name}` {tuple(ids.shape)}, got {describe_value(mask)}."
         )
     else:
         real = mask.to(ids.device) != 0
@@ -440,14 +440,6 @@ def _check_vocabulary(ids: torch.Tensor, name: str, vocab_size: int) -> None:
             f"`{name}` holds token ids outside the model's vocabulary of {vocab_size} (e.g. {examples}); "
             "were they made with another tokenizer?"
         )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {', '.join(_describe(item) for item in value)}"
-    return f"a {type(value).__name__}"
 
 
 def _require_non_empty(mask: torch.Tensor, what: str) -> None:

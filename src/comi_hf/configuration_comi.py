@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-__all__ = ["COMIConfig", "check_merge_size", "draw_merge_size"]
+__all__ = ["COMIConfig", "draw_merge_size"]
 
 
 @as_validated_field
@@ -37,13 +37,6 @@ def merge_size_list(value: list[int] | None) -> None:
         not value or any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in value)
     ):
         raise ValueError(f"Value must be a non-empty list of integers >= 1, got {value!r}.")
-
-
-def check_merge_size(merge_size: object) -> int:
-    """`merge_size` if it is an integer >= 1 (the tokens per memory vector); a `ValueError` otherwise."""
-    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
-        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
-    return merge_size
 
 
 def draw_merge_size(merge_sizes: list[int], generator: random.Random | None = None) -> int:

@@ -147,7 +147,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     from .compressor_comi import loading_problems
     from .configuration_comi import COMIConfig
-    from .modeling_comi import COMIForConditionalGeneration, official_generation_config
+    from .modeling_comi import COMIForConditionalGeneration
 
     path = Path(args.checkpoint)
     if path.is_dir():
@@ -196,7 +196,6 @@ def _convert(args: argparse.Namespace) -> int:
     if problems:
         raise CheckpointMismatch(f"the checkpoint does not match {args.backbone}: {problems}")
     model.load_state_dict(state, strict=True)
-    model.generation_config = official_generation_config(model.config)
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(args.backbone).save_pretrained(output_dir)

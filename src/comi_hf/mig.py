@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIGDetails", "NonFiniteInputError", "mig_compress"]
+__all__ = ["MIGDetails", "NonFiniteInputError", "check_merge_size", "describe_value", "mig_compress"]
 
 
 class NonFiniteInputError(ValueError):
@@ -218,24 +218,24 @@ def _check_inputs(
     attention_mask: torch.Tensor | None,
 ) -> None:
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(f"`hidden_states` must be a (batch, n, hidden) tensor, got {_describe(hidden_states)}.")
+        raise ValueError(f"`hidden_states` must be a (batch, n, hidden) tensor, got {describe_value(hidden_states)}.")
     if not hidden_states.is_floating_point():
         raise TypeError(f"`hidden_states` must be a floating-point tensor, got {hidden_states.dtype}.")
     batch_size, seq_len, hidden_size = hidden_states.shape
     if not isinstance(query, torch.Tensor) or query.shape != (batch_size, hidden_size):
         raise ValueError(
-            f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, got {_describe(query)}."
+            f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, "
+            f"got {describe_value(query)}."
         )
     if not query.is_floating_point():
         raise TypeError(f"`query` must be a floating-point tensor, got {query.dtype}.")
-    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
-        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
+    check_merge_size(merge_size)
     if attention_mask is not None and (
         not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch_size, seq_len)
     ):
         raise ValueError(
             f"`attention_mask` must be a ({batch_size}, {seq_len}) tensor to match `hidden_states`, "
-            f"got {_describe(attention_mask)}."
+            f"got {describe_value(attention_mask)}."
         )
 
 
@@ -254,10 +254,20 @@ def _non_finite_error(
     )
 
 
-def _describe(value: object) -> str:
+def describe_value(value: object) -> str:
+    """What a wrong argument was, for an error message: `a torch.float32 tensor of shape (2, 3)`."""
     if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {', '.join(describe_value(item) for item in value)}"
     return f"a {type(value).__name__}"
+
+
+def check_merge_size(merge_size: object) -> int:
+    """`merge_size` if it is an integer >= 1 (the tokens per memory vector); a `ValueError` otherwise."""
+    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
+        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
+    return merge_size
 
 
 def _token_chunks(num_tokens: int, hidden_size: int, work_elements: int):

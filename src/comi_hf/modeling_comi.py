@@ -33,7 +33,6 @@ from .compressor_comi import (
     COMICompressionModel,
     COMIPreTrainedModel,
     _check_vocabulary,
-    _describe,
     loading_problems,
 )
 from .configuration_comi import COMIConfig
@@ -44,6 +43,7 @@ from .generation_comi import (
     serving_generation_config,
     warn_past_positions,
 )
+from .mig import describe_value
 from .packing import COMICompressionDetails, COMIContextEncoding, decoder_inputs
 from .pipeline_comi import custom_pipelines_entry, encode_texts
 
@@ -467,7 +467,7 @@ def _check_labels(labels: object, num_queries: int, vocab_size: int) -> None:
     ):
         raise ValueError(
             f"`labels` must be a ({num_queries}, answer_len) tensor of token ids (-100 on padding), "
-            f"got {_describe(labels)}."
+            f"got {describe_value(labels)}."
         )
     _check_vocabulary(labels[labels != -100], "labels", vocab_size)
 
@@ -485,7 +485,7 @@ def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch
         raise ValueError(
             f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, "
             f"`({num_queries}, memory_len, hidden)` and `({num_queries}, memory_len)` for {num_queries} queries; "
-            f"got {_describe(memory)}."
+            f"got {describe_value(memory)}."
         )
     return vectors, mask.bool()
 

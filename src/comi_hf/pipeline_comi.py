@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
+from .mig import check_merge_size
 from .packing import pad_token_lists
 
 __all__ = [
@@ -92,9 +93,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         forward_params: dict[str, Any] = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
         postprocess_params: dict[str, Any] = {}
         if merge_size is not None:
-            if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
-                raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
-            forward_params["merge_size"] = merge_size
+            forward_params["merge_size"] = check_merge_size(merge_size)
         if return_compression is not None:
             forward_params["return_compression"] = bool(return_compression)
             postprocess_params["return_compression"] = bool(return_compression)

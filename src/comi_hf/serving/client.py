@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..configuration_comi import check_merge_size
+from ..mig import check_merge_size
 from ..modeling_comi import COMIPromptEncoder
 from ..packing import pad_token_lists
 from ..pipeline_comi import answer_records, decode_answers, gather_inputs
