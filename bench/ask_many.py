@@ -15,17 +15,16 @@ first question's `t(1)`.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 import torch
 from common import (
-    add_model_arguments,
-    backbone_description,
+    BackboneArguments,
+    BenchArguments,
     machine_description,
     median_seconds,
-    model_from_arguments,
+    parse_arguments,
     pyplot,
-    quick_model_arguments,
     write_json,
 )
 from transformers import pipeline
@@ -33,25 +32,26 @@ from transformers import pipeline
 from comi_hf.data import word_level_tokenizer
 
 
+@dataclass
+class AskManyArguments:
+    context_tokens: int = field(default=8192, metadata={"help": "Tokens in the one context."})
+    questions: list[int] = field(
+        default_factory=lambda: [1, 4, 16], metadata={"help": "Numbers Q of questions asked together."}
+    )
+    merge_size: int = field(default=16, metadata={"help": "COMI's merge size (compression ratio)."})
+    max_new_tokens: int = field(default=20, metadata={"help": "Tokens generated per answer (EOS off)."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs after the warm-up; the median is reported."})
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--context_tokens", type=int, default=8192)
-    parser.add_argument("--questions", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--merge_size", type=int, default=16)
-    add_model_arguments(parser)
-    parser.add_argument("--max_new_tokens", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    args = parser.parse_args()
-    if args.quick:
-        quick_model_arguments(args)
+    args, backbone_args, bench = parse_arguments(__doc__, AskManyArguments, BackboneArguments, BenchArguments)
+    if bench.quick:
+        backbone_args.use_quick_sizes()
         args.context_tokens, args.questions, args.max_new_tokens, args.repeats = 512, [1, 4], 4, 1
 
     words = [f"w{i}" for i in range(500)]
     tokenizer = word_level_tokenizer(words)
-    model = model_from_arguments(args, max_positions=2 * args.context_tokens, merge_size=args.merge_size)
+    model = backbone_args.model(max_positions=2 * args.context_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     context = " ".join(words[i] for i in torch.randint(len(words), (args.context_tokens,), generator=generator))
     questions = [
@@ -78,7 +78,7 @@ def main() -> None:
         row["speedup"] = row["seconds_separate"] / row["seconds_together"]
         if row["questions"] > 1:
             row["extra_question_share_of_first"] = (row["seconds_together"] - first) / (row["questions"] - 1) / first
-    backbone = backbone_description(args)
+    backbone = backbone_args.description()
     results = {
         "context_tokens": args.context_tokens,
         "merge_size": args.merge_size,
@@ -100,9 +100,9 @@ def main() -> None:
             f"{row['speedup']:7.2f}x | {'-' if extra is None else f'{100 * extra:.1f}% of the first':>19}"
         )
     print(f"same answers together and one by one: {same}")
-    write_json(args.json, results)
-    if args.plot:
-        plot(rows, args.plot)
+    write_json(bench.json, results)
+    if bench.plot:
+        plot(rows, bench.plot)
     if not same:
         raise SystemExit("questions=[...] and separate calls gave different answers")
 

@@ -12,17 +12,16 @@ then the median of several repeats), and reports documents and context tokens pe
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 import torch
 from common import (
-    add_model_arguments,
-    backbone_description,
+    BackboneArguments,
+    BenchArguments,
     machine_description,
     median_seconds,
-    model_from_arguments,
+    parse_arguments,
     pyplot,
-    quick_model_arguments,
     write_json,
 )
 from transformers import pipeline
@@ -30,28 +29,29 @@ from transformers import pipeline
 from comi_hf.data import word_level_tokenizer
 
 
+@dataclass
+class BatchingArguments:
+    documents: int = field(default=32, metadata={"help": "Documents answered at each batch size."})
+    min_tokens: int = field(default=256, metadata={"help": "Shortest context (lengths are drawn uniformly)."})
+    max_tokens: int = field(default=4096, metadata={"help": "Longest context."})
+    batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 4, 16], metadata={"help": "The pipeline's batch sizes to compare."}
+    )
+    merge_size: int = field(default=16, metadata={"help": "COMI's merge size (compression ratio)."})
+    max_new_tokens: int = field(default=20, metadata={"help": "Tokens generated per answer (EOS off)."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs after the warm-up; the median is reported."})
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--documents", type=int, default=32)
-    parser.add_argument("--min_tokens", type=int, default=256)
-    parser.add_argument("--max_tokens", type=int, default=4096)
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--merge_size", type=int, default=16)
-    add_model_arguments(parser)
-    parser.add_argument("--max_new_tokens", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    args = parser.parse_args()
-    if args.quick:
+    args, backbone_args, bench = parse_arguments(__doc__, BatchingArguments, BackboneArguments, BenchArguments)
+    if bench.quick:
         args.documents, args.min_tokens, args.max_tokens, args.batch_sizes = 8, 32, 256, [1, 4]
         args.max_new_tokens, args.repeats = 4, 1
-        quick_model_arguments(args)
+        backbone_args.use_quick_sizes()
 
     words = [f"w{i}" for i in range(500)]
     tokenizer = word_level_tokenizer(words)
-    model = model_from_arguments(args, max_positions=2 * args.max_tokens, merge_size=args.merge_size)
+    model = backbone_args.model(max_positions=2 * args.max_tokens, merge_size=args.merge_size)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_tokens, args.max_tokens + 1, (args.documents,), generator=generator).tolist()
 
@@ -80,7 +80,7 @@ def main() -> None:
     for row in rows:
         row["throughput_over_batch_1"] = rows[0]["seconds"] / row["seconds"]
     same = all(answer == answers[args.batch_sizes[0]] for answer in answers.values())
-    backbone = backbone_description(args)
+    backbone = backbone_args.description()
     results = {
         "documents": args.documents,
         "context_tokens": lengths,
@@ -103,9 +103,9 @@ def main() -> None:
             f"{row['context_tokens_per_second']:16.0f} | {row['throughput_over_batch_1']:9.2f}x"
         )
     print(f"same answers at every batch size: {same}")
-    write_json(args.json, results)
-    if args.plot:
-        plot(rows, args.plot)
+    write_json(bench.json, results)
+    if bench.plot:
+        plot(rows, bench.plot)
     if not same:
         raise SystemExit("the answers changed with the batch size")
 

@@ -1,19 +1,77 @@
-"""Helpers shared by the benchmark scripts (not a benchmark itself): timing, the benchmark
-backbone, and the JSON / plot output."""
+"""Helpers shared by the benchmark scripts (not a benchmark itself): the options they share and
+their parsing, timing, the benchmark backbone, and the JSON / plot output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from transformers import Qwen3Config
+from transformers import HfArgumentParser, Qwen3Config
 from transformers.generation.streamers import BaseStreamer
 
 from comi_hf import COMIConfig, COMIForConditionalGeneration
+from comi_hf.loading import parse_script_arguments
+
+# The `--dtype` of the scripts that take one.
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class BenchArguments:
+    """The options every benchmark script takes."""
+
+    quick: bool = field(default=False, metadata={"help": "Tiny sizes: a smoke test of the script, not a measurement."})
+    json: str | None = field(default=None, metadata={"help": "Also write the results to this JSON file."})
+    plot: str | None = field(default=None, metadata={"help": "Write a PNG plot here (needs matplotlib)."})
+
+
+@dataclass
+class BackboneArguments:
+    """The shape of `qwen3_shaped_model`'s backbone, for the scripts that time a random model."""
+
+    layers: int = field(default=36, metadata={"help": "Backbone layers (Qwen3-4B: 36)."})
+    encoder_layers: int = field(default=8, metadata={"help": "Backbone layers in COMI's encoder."})
+    hidden_size: int = field(default=128, metadata={"help": "Hidden size (tiny, so that it runs on a CPU)."})
+    vocab_size: int = field(default=151936, metadata={"help": "Vocabulary size (Qwen3's: 151,936)."})
+
+    def use_quick_sizes(self) -> None:
+        """`--quick`: a 4-layer backbone (encoder 2) with a 1,000-token vocabulary."""
+        self.layers, self.encoder_layers, self.vocab_size = 4, 2, 1000
+
+    def model(self, *, max_positions: int, merge_size: int = 16, **kwargs) -> COMIForConditionalGeneration:
+        """The random COMI model of this shape (`qwen3_shaped_model`)."""
+        return qwen3_shaped_model(
+            layers=self.layers,
+            encoder_layers=self.encoder_layers,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            max_positions=max_positions,
+            merge_size=merge_size,
+            **kwargs,
+        )
+
+    def description(self) -> str:
+        return (
+            f"Qwen3-shaped: {self.layers} layers (encoder {self.encoder_layers}, LSA 1), hidden {self.hidden_size}, "
+            f"vocabulary {self.vocab_size}"
+        )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help`: the script's docstring as it is written, then every option with its default."""
+
+
+def parse_arguments(description: str, *dataclass_types: type) -> tuple:
+    """The command line parsed into an instance of each of `dataclass_types`, in their order."""
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
+    return parse_script_arguments(parser)
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -78,38 +136,6 @@ def qwen3_shaped_model(
     torch.manual_seed(0)
     config = COMIConfig(text_config=backbone, encoder_layers=encoder_layers, merge_size=merge_size)
     return COMIForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-
-
-def add_model_arguments(parser) -> None:
-    """The shape of `qwen3_shaped_model`'s backbone, as command-line options."""
-    parser.add_argument("--layers", type=int, default=36)
-    parser.add_argument("--encoder_layers", type=int, default=8)
-    parser.add_argument("--hidden_size", type=int, default=128)
-    parser.add_argument("--vocab_size", type=int, default=151936)
-
-
-def quick_model_arguments(args) -> None:
-    """`--quick`: a 4-layer backbone (encoder 2) with a 1,000-token vocabulary."""
-    args.layers, args.encoder_layers, args.vocab_size = 4, 2, 1000
-
-
-def model_from_arguments(args, *, max_positions: int, merge_size: int = 16, **kwargs) -> COMIForConditionalGeneration:
-    return qwen3_shaped_model(
-        layers=args.layers,
-        encoder_layers=args.encoder_layers,
-        hidden_size=args.hidden_size,
-        vocab_size=args.vocab_size,
-        max_positions=max_positions,
-        merge_size=merge_size,
-        **kwargs,
-    )
-
-
-def backbone_description(args) -> str:
-    return (
-        f"Qwen3-shaped: {args.layers} layers (encoder {args.encoder_layers}, LSA 1), hidden {args.hidden_size}, "
-        f"vocabulary {args.vocab_size}"
-    )
 
 
 def machine_description(device: str) -> str:

@@ -14,15 +14,29 @@ slope of log(time) against log(length).
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
+from dataclasses import dataclass, field
 
 import torch
-from common import machine_description, median_seconds, pyplot, write_json
+from common import BenchArguments, machine_description, median_seconds, parse_arguments, pyplot, write_json
 
 from comi_hf import mig_compress
 from comi_hf.memory_meter import PeakMemory
+
+
+@dataclass
+class CompressorArguments:
+    lengths: list[int] = field(
+        default_factory=lambda: [1024, 4096, 16384, 65536, 131072], metadata={"help": "Context lengths in tokens."}
+    )
+    hidden: list[int] = field(default_factory=lambda: [1024, 4096], metadata={"help": "Hidden sizes."})
+    merge_sizes: list[int] = field(default_factory=lambda: [4, 16, 32], metadata={"help": "Merge sizes."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs after the warm-up; the median is reported."})
+    max_call_seconds: float = field(default=10.0, metadata={"help": "Stop a series before a call could take longer."})
+    baseline_limit_gb: float = field(
+        default=4.0, metadata={"help": "Skip the padded baseline where its layout would need more (GiB)."}
+    )
 
 
 def padded_baseline(states: torch.Tensor, query: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
@@ -59,12 +73,12 @@ def describe_exponent(exponent: float | None) -> str:
     return "n/a (one length)" if exponent is None else f"{exponent:.2f}"
 
 
-def repeats_for(states: torch.Tensor, args: argparse.Namespace) -> int:
+def repeats_for(states: torch.Tensor, args: CompressorArguments) -> int:
     # Inputs over 256 MiB take seconds a call: one timed run after the warm-up is enough there.
     return 1 if states.nbytes > 2**28 else args.repeats
 
 
-def measure(hidden: int, merge_size: int, allocation: str, length: int, args: argparse.Namespace) -> dict:
+def measure(hidden: int, merge_size: int, allocation: str, length: int, args: CompressorArguments) -> dict:
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, length, hidden, generator=generator)
     if allocation == "uniform":
@@ -141,20 +155,8 @@ def plot(rows: list[dict], exponents: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 16, 32])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--max-call-seconds", type=float, default=10.0, help="stop a series before a call could take longer"
-    )
-    parser.add_argument("--baseline_limit_gb", type=float, default=4.0)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    args = parser.parse_args()
-    if args.quick:
+    args, bench = parse_arguments(__doc__, CompressorArguments, BenchArguments)
+    if bench.quick:
         args.lengths, args.hidden, args.merge_sizes, args.repeats = [1024, 4096], [64], [16], 1
 
     rows = []
@@ -185,9 +187,9 @@ def main() -> None:
         "max_peak_extra_over_input": worst,
         "machine": machine_description("cpu"),
     }
-    write_json(args.json, results)
-    if args.plot:
-        plot(rows, exponents, args.plot)
+    write_json(bench.json, results)
+    if bench.plot:
+        plot(rows, exponents, bench.plot)
 
 
 if __name__ == "__main__":

@@ -24,25 +24,38 @@ run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 from common import (
+    BackboneArguments,
+    BenchArguments,
+    Dtype,
     TokenClock,
-    add_model_arguments,
-    backbone_description,
     machine_description,
     median_seconds,
-    model_from_arguments,
+    parse_arguments,
     pyplot,
-    quick_model_arguments,
     synchronize,
     write_json,
 )
 
 from comi_hf.memory_meter import PeakMemory
+
+
+@dataclass
+class EndToEndArguments:
+    context_tokens: list[int] = field(
+        default_factory=lambda: [2048, 8192, 16384], metadata={"help": "Context lengths in tokens."}
+    )
+    merge_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "COMI's merge sizes."})
+    query_tokens: int = field(default=16, metadata={"help": "Tokens in the question."})
+    new_tokens: int = field(default=20, metadata={"help": "Tokens generated per answer (EOS off)."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs after the warm-up; the median is reported."})
+    device: str = field(default="cpu", metadata={"help": "Where the model runs (cpu, cuda)."})
+    dtype: Dtype = field(default="float32", metadata={"help": "The model's dtype."})
 
 
 def peak_extra_bytes(function, device: str) -> int:
@@ -113,34 +126,21 @@ def compression_parts(model, context_ids, query_ids, merge_size: int, args) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--context_tokens", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--query_tokens", type=int, default=16)
-    parser.add_argument("--new_tokens", type=int, default=20)
-    add_model_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    args = parser.parse_args()
-    if args.quick:
+    args, backbone_args, bench = parse_arguments(__doc__, EndToEndArguments, BackboneArguments, BenchArguments)
+    if bench.quick:
         args.context_tokens, args.merge_sizes, args.new_tokens, args.repeats = [256], [8], 3, 1
-        quick_model_arguments(args)
+        backbone_args.use_quick_sizes()
 
-    model = model_from_arguments(
-        args,
+    model = backbone_args.model(
         max_positions=2 * max(args.context_tokens),
         device=args.device,
         dtype=getattr(torch, args.dtype),
     )
     options = {"do_sample": False, "repetition_penalty": 1.0, "eos_token_id": None}
     generator = torch.Generator().manual_seed(0)
-    query_ids = torch.randint(3, args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
-    backbone = f"{backbone_description(args)}, {args.dtype}"
-    if args.quick:
+    query_ids = torch.randint(3, backbone_args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
+    backbone = f"{backbone_args.description()}, {args.dtype}"
+    if bench.quick:
         print("--quick: tiny sizes and one run, a smoke test of this script; its figures are not measurements")
     print(f"{backbone}; {machine_description(args.device)}; {args.new_tokens} new tokens, median of {args.repeats}")
     print(
@@ -150,7 +150,7 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for length in args.context_tokens:
-            context_ids = torch.randint(3, args.vocab_size, (1, length), generator=generator).to(args.device)
+            context_ids = torch.randint(3, backbone_args.vocab_size, (1, length), generator=generator).to(args.device)
             prompt = torch.cat([context_ids, query_ids], dim=1)
 
             def full_context(new_tokens: int, prompt=prompt, **extra) -> torch.Tensor:
@@ -203,9 +203,9 @@ def main() -> None:
                     flush=True,
                 )
     write_json(
-        args.json,
+        bench.json,
         {
-            "quick": args.quick,
+            "quick": bench.quick,
             "backbone": backbone,
             "machine": machine_description(args.device),
             "new_tokens": args.new_tokens,
@@ -214,8 +214,8 @@ def main() -> None:
             "rows": rows,
         },
     )
-    if args.plot:
-        plot(rows, args.plot)
+    if bench.plot:
+        plot(rows, bench.plot)
 
 
 def plot(rows: list[dict], path: str) -> None:

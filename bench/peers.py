@@ -28,7 +28,6 @@ JSON; the backbone directory loads in both transformers versions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,10 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import TokenClock, pyplot, write_json
+from common import BenchArguments, Dtype, TokenClock, parse_arguments, pyplot, write_json
 from transformers import AutoTokenizer
 
 from comi_hf import DEFAULT_BACKBONE, DEFAULT_MODEL, COMIForConditionalGeneration
@@ -67,6 +67,42 @@ MODES = ("context", "with question")
 def find_kvpress_python() -> str | None:
     python = Path(os.environ.get("COMI_KVPRESS_VENV", DEFAULT_KVPRESS_VENV)) / "bin" / "python"
     return str(python) if python.is_file() else None
+
+
+@dataclass
+class PeersArguments:
+    backbone: str = field(
+        default=DEFAULT_BACKBONE, metadata={"help": "The backbone COMI was built from (a causal LM)."}
+    )
+    comi_model: str = field(default=DEFAULT_MODEL, metadata={"help": "A COMI model of that backbone."})
+    data: str | None = field(
+        default=None, metadata={"help": "A JSONL in the official format (without it: comi-synth's test split)."}
+    )
+    num_docs: int = field(default=500, metadata={"help": "Documents answered by every method."})
+    words: int = field(default=256, metadata={"help": "comi-synth document length, without --data."})
+    merge_sizes: list[int] = field(
+        default_factory=lambda: [4, 8, 16, 32], metadata={"help": "Merge sizes (context tokens per kept entry)."}
+    )
+    presses: list[str] = field(
+        default_factory=lambda: list(PRESSES), metadata={"choices": list(PRESSES), "help": "kvpress's presses to run."}
+    )
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES),
+        metadata={
+            "choices": list(MODES),
+            "help": "What each press compresses: the context alone, or with the question.",
+        },
+    )
+    max_new_tokens: int = field(default=8, metadata={"help": "Longest answer (greedy)."})
+    check_pipeline: int = field(
+        default=20, metadata={"help": "Documents on which kvpress's own pipeline() must give the worker's answers."}
+    )
+    device: str = field(default="cpu", metadata={"help": "Where the models run (cpu, cuda)."})
+    dtype: Dtype = field(default="float32", metadata={"help": "The models' dtype."})
+    kvpress_python: str | None = field(
+        default_factory=find_kvpress_python, metadata={"help": "The Python of kvpress's environment."}
+    )
+    markdown: str | None = field(default=None, metadata={"help": "Write the tables here (Markdown)."})
 
 
 def load_documents(args, tokenizer) -> list[dict]:
@@ -178,27 +214,8 @@ def summarise(record: dict, documents: list[dict], run: dict | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="the backbone COMI was built from (a causal LM)")
-    parser.add_argument("--comi_model", default=DEFAULT_MODEL, help="a COMI model of that backbone")
-    parser.add_argument("--data", help="a JSONL in the official format (default: comi-synth's test split)")
-    parser.add_argument("--num_docs", type=int, default=500)
-    parser.add_argument("--words", type=int, default=256, help="comi-synth document length, without --data")
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--presses", nargs="+", default=list(PRESSES), choices=list(PRESSES))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--max_new_tokens", type=int, default=8)
-    parser.add_argument("--check_pipeline", type=int, default=20,
-                        help="documents on which kvpress's own pipeline() must give the worker's answers")  # fmt: skip
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--kvpress_python", default=find_kvpress_python())
-    parser.add_argument("--quick", action="store_true", help="8 documents of 64 words, 2 presses: a smoke test")
-    parser.add_argument("--json", help="write every result here")
-    parser.add_argument("--markdown", help="write the tables here")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    args = parser.parse_args()
-    if args.quick:
+    args, bench = parse_arguments(__doc__, PeersArguments, BenchArguments)
+    if bench.quick:
         args.num_docs, args.words, args.merge_sizes, args.presses, args.check_pipeline = (
             8,
             64,
@@ -236,13 +253,13 @@ def main() -> None:
         "minutes": round((time.monotonic() - started) / 60, 1),
         "entries": entries,
     }
-    write_json(args.json, results)
+    write_json(bench.json, results)
     table = markdown(entries, args)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    if args.plot:
-        plot(entries, args, args.plot)
+    if bench.plot:
+        plot(entries, args, bench.plot)
 
 
 def _method(entry: dict) -> str:

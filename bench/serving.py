@@ -26,7 +26,6 @@ vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -37,23 +36,40 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
 from common import (
-    add_model_arguments,
-    backbone_description,
+    BackboneArguments,
+    BenchArguments,
     machine_description,
-    model_from_arguments,
+    parse_arguments,
     pyplot,
-    quick_model_arguments,
     write_json,
 )
 from transformers import pipeline
 
 from comi_hf.data import word_level_tokenizer
 from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+
+
+@dataclass
+class ServingArguments:
+    context_tokens: list[int] = field(
+        default_factory=lambda: [2048, 8192], metadata={"help": "Document lengths in tokens."}
+    )
+    merge_sizes: list[int] = field(default_factory=lambda: [8, 32], metadata={"help": "COMI's merge sizes."})
+    documents: int = field(default=16, metadata={"help": "Documents in the load (D)."})
+    questions_per_document: int = field(default=4, metadata={"help": "Questions about each document (Q = D x this)."})
+    new_tokens: int = field(default=16, metadata={"help": "Tokens generated per answer (EOS off)."})
+    device: str = field(default="cpu", metadata={"help": "Where the compressor runs (vLLM picks its own device)."})
+    vllm_kv_cache_gib: int = field(default=6, metadata={"help": "vLLM's KV cache on a CPU build (GiB)."})
+    vllm_python: str | None = field(
+        default_factory=find_vllm_python, metadata={"help": "The Python of vLLM's environment."}
+    )
+    markdown: str | None = field(default=None, metadata={"help": "Write the table here (Markdown)."})
 
 
 class PeakRSS:
@@ -191,35 +207,21 @@ def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
-    parser.add_argument("--context_tokens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--documents", type=int, default=16)
-    parser.add_argument("--questions_per_document", type=int, default=4)
-    parser.add_argument("--new_tokens", type=int, default=16)
-    add_model_arguments(parser)
-    parser.add_argument("--device", default="cpu", help="where the compressor runs (vLLM picks its own device)")
-    parser.add_argument("--vllm_kv_cache_gib", type=int, default=6, help="vLLM's KV cache on a CPU build (GiB)")
-    parser.add_argument("--vllm_python", default=find_vllm_python(), help="the Python of vLLM's environment")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
-    parser.add_argument("--markdown", help="write the table here")
-    args = parser.parse_args()
-    if args.quick:
-        quick_model_arguments(args)
+    args, backbone_args, bench = parse_arguments(__doc__, ServingArguments, BackboneArguments, BenchArguments)
+    if bench.quick:
+        backbone_args.use_quick_sizes()
         args.context_tokens, args.merge_sizes, args.documents, args.questions_per_document = [256], [8], 2, 2
         args.new_tokens, args.vllm_kv_cache_gib = 4, 1
     if args.vllm_python is None:
         sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm_python)")
-    if args.quick:
+    if bench.quick:
         print("--quick: tiny sizes, a smoke test of this script; its figures are not measurements")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="comi-serving-bench-"))
     longest = max(args.context_tokens) + 64 + args.new_tokens
-    model = model_from_arguments(args, max_positions=longest + 64, merge_size=min(args.merge_sizes))
+    model = backbone_args.model(max_positions=longest + 64, merge_size=min(args.merge_sizes))
     model.generation_config.eos_token_id = None  # every method generates exactly --new_tokens tokens
-    words = [f"w{i}" for i in range(min(2000, args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
+    words = [f"w{i}" for i in range(min(2000, backbone_args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
     tokenizer = word_level_tokenizer(words)
     model.save_pretrained(work / "comi")
     tokenizer.save_pretrained(work / "comi")
@@ -230,7 +232,7 @@ def main() -> None:
     def text(length: int) -> str:
         return " ".join(words[i] for i in torch.randint(len(words), (length,), generator=generator))
 
-    backbone = backbone_description(args)
+    backbone = backbone_args.description()
     print(f"{backbone}; compressor on {machine_description(args.device)}; vLLM {args.vllm_python}")
     rows = []
     vllm = VLLMServer(
@@ -274,7 +276,7 @@ def main() -> None:
                 print(_line(pipeline_row), flush=True)
                 print(_line(served_row), flush=True)
     results = {
-        "quick": args.quick,
+        "quick": bench.quick,
         "backbone": backbone,
         "machine": machine_description(args.device),
         "documents": args.documents,
@@ -282,13 +284,13 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rows": rows,
     }
-    write_json(args.json, results)
+    write_json(bench.json, results)
     table = markdown(rows)
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    if args.plot:
-        plot(rows, args.plot)
+    if bench.plot:
+        plot(rows, bench.plot)
     shutil.rmtree(work, ignore_errors=True)
 
 

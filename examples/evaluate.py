@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import load_comi_jsonl
 from comi_hf.evaluation import answer_dataset, summarize, write_metrics
+from comi_hf.loading import parse_script_arguments
 
 logger = logging.getLogger("comi_hf.evaluate")
 
@@ -58,7 +59,7 @@ def check_arguments(args: EvaluationArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(argv)
+    (args,) = parse_script_arguments(HfArgumentParser(EvaluationArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_arguments(args)
     try:

@@ -10,16 +10,22 @@ loss falling, not a useful model.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from comi_hf.data import word_level_tokenizer
+from comi_hf.loading import parse_script_arguments
 
 DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass
+class TinyBackboneArguments:
+    hidden_size: int = field(default=64, metadata={"help": "A multiple of 4 (the heads)."})
 
 
 def main(output_dir: str, hidden_size: int = 64) -> None:
@@ -51,10 +57,10 @@ def main(output_dir: str, hidden_size: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir")
-    parser.add_argument("--hidden_size", type=int, default=64, help="A multiple of 4 (the heads), default 64.")
-    args = parser.parse_args()
+    parser = HfArgumentParser(TinyBackboneArguments, description=__doc__.split("\n\n")[0])
+    # Positional, as every command line in the README, docs and tests gives it.
+    parser.add_argument("output_dir", help="Where the backbone and its tokenizer go.")
+    args, positional = parse_script_arguments(parser)
     if args.hidden_size < 4 or args.hidden_size % 4:
         parser.error(f"--hidden_size must be a positive multiple of 4, got {args.hidden_size}")
-    main(args.output_dir, args.hidden_size)
+    main(positional.output_dir, args.hidden_size)

@@ -12,14 +12,15 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, pipeline
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser, pipeline
 
 from comi_hf import DEFAULT_BACKBONE, DEFAULT_MODEL, COMIForConditionalGeneration
 from comi_hf.explain import render_compression_html
+from comi_hf.loading import parse_script_arguments
 
 DOCUMENT = Path(__file__).resolve().parent / "data" / "example_document.txt"
 QUESTIONS = ["what is the code of long hill ?", "what is the code of new hill ?"]
@@ -94,10 +95,18 @@ def tour(output_dir: Path) -> dict:
     return seen
 
 
+@dataclass
+class QuickstartArguments:
+    output_dir: Path = field(
+        default=Path("scratch/quickstart"),
+        metadata={"help": "Where the tour writes its files (an explanation page, the saved model)."},
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", type=Path, default=Path("scratch/quickstart"))
-    tour(parser.parse_args().output_dir)
+    parser = HfArgumentParser(QuickstartArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parse_script_arguments(parser)
+    tour(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize, write_metrics
+from comi_hf.loading import parse_script_arguments
 from comi_hf.model_card import write_model_card
 from comi_hf.training import (
     DEFAULT_LORA_TARGETS,
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(sys.argv[1])
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, training_args = parse_script_arguments(parser, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size == 1:

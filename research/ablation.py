@@ -34,18 +34,19 @@ the rest: where a variant loses answers, this says whether fusion is what lost t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, HfArgumentParser
 
 from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, truncate_context
+from comi_hf.loading import parse_script_arguments
 from comi_hf.metrics import best_exact_match
 from comi_hf.pipeline_comi import decode_answers
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
@@ -65,6 +66,18 @@ VARIANTS = {
     "uncompressed": {"coarse": False},
 }
 PER_TOKEN = ("truncation", "uncompressed")
+
+
+@dataclass
+class AblationArguments:
+    output_dir: str = field(metadata={"help": "Where ablation.json, ablation.md and ablation.png go."})
+    model: str = field(default=str(DEFAULT_MODEL), metadata={"help": "A COMI model (the package's by default)."})
+    words: list[int] = field(default_factory=lambda: [256, 1024], metadata={"help": "Document lengths in words."})
+    merge_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32], metadata={"help": "Merge sizes."})
+    num_docs: int = field(default=1000, metadata={"help": "Documents per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Document seeds (disjoint sets)."})
+    batch_size: int = field(default=50, metadata={"help": "Documents compressed and answered together."})
+    quick: bool = field(default=False, metadata={"help": "8 documents of 64 words, merge 4 and 8: a smoke test."})
 
 
 def documents(words: int, seed: int, count: int):
@@ -240,16 +253,8 @@ def plot(entries: list[dict], words_list: list[int], merge_sizes: list[int], pat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="A COMI model (default: the package's).")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--words", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--num_docs", type=int, default=1000, help="Documents per seed.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Document seeds (disjoint sets).")
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--quick", action="store_true", help="8 documents of 64 words, merge 4 and 8: a smoke test.")
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser(AblationArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parse_script_arguments(parser, argv)
     if args.quick:
         args.words, args.merge_sizes, args.num_docs = [64], [4, 8], 8
 

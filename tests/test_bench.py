@@ -38,6 +38,7 @@ def test_compressor_exponent_of_a_one_length_series_is_none(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))  # the script imports its neighbour `common`
     spec = importlib.util.spec_from_file_location("bench_compressor", BENCH / "compressor.py")
     compressor = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_compressor", compressor)  # as an import does (for its dataclass)
     spec.loader.exec_module(compressor)
     assert compressor.fitted_exponent([1024], [0.5]) is None
     assert compressor.fitted_exponent([1024, 4096], [1.0, 16.0]) == pytest.approx(2.0)

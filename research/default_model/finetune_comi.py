@@ -4,7 +4,7 @@
 
 COMI is built with `from_backbone` (encoder = the backbone's first 2 layers, LSA = 1 layer, full
 decoder) and trained with `Trainer` on `comi_hf.synthetic` documents: the answer's cross-entropy
-(SPEC §6), with a merge size drawn per batch from `--merge_sizes`, everything trained fully.
+(docs/method.md), with a merge size drawn per batch from `--merge_sizes`, everything trained fully.
 
 One addition, for training only: the decoder's last-layer head 0 is supervised to attend from
 each answer slot to the memory vector that holds the matching digit of the target code (known
@@ -28,10 +28,10 @@ share its operations well).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,15 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from comi_hf import COMIForConditionalGeneration
@@ -47,6 +55,7 @@ from comi_hf.compressor_comi import COMIMIGCompressor
 from comi_hf.configuration_comi import draw_merge_size
 from comi_hf.data import COMIDataCollator, tokenize_example
 from comi_hf.evaluation import answer_dataset, summarize
+from comi_hf.loading import parse_script_arguments
 from comi_hf.model_card import write_model_card
 from comi_hf.synthetic import SPLIT_SEEDS, FactSpan, make_document
 from comi_hf.training import weights_without_gradient
@@ -249,62 +258,62 @@ def _stop_summary(stop: StopAtExactMatch) -> str:
     return f"{checks or 'no check'} (training stops at {stop.target} at {sizes})"
 
 
-def _lengths(text: str) -> list[int]:
-    """'256' or '256,1024': the document lengths of one curriculum stage."""
-    return [int(words) for words in text.split(",")]
+class StageLengths(list):
+    """'256' or '256,1024' on the command line: the document lengths of one curriculum stage."""
+
+    def __init__(self, text: str):
+        super().__init__(int(words) for words in text.split(","))
+
+
+@dataclass
+class FinetuningArguments:
+    backbone: str = field(metadata={"help": "The pretrained backbone, or a COMI model to train on."})
+    output_dir: str = field(metadata={"help": "Where the COMI model, its tokenizer and card go."})
+    merge_sizes: list[int] = field(default_factory=lambda: [4, 8, 16], metadata={"help": "Merge sizes after stage 1."})
+    merge_size: int = field(default=8, metadata={"help": "The saved model's default merge size."})
+    curriculum: list[StageLengths] = field(
+        default_factory=lambda: [[32], [64], [128], [256]],
+        metadata={"help": "Document lengths in words, one per stage; '256,1024' mixes lengths in a stage."},
+    )
+    stage_steps: list[int] = field(default_factory=lambda: [800, 300, 300, 600], metadata={"help": "Steps per length."})
+    first_stage_merge_sizes: list[int] = field(
+        default_factory=lambda: [1, 2, 4], metadata={"help": "Merge sizes of the first stage."}
+    )
+    eval_docs: int = field(default=200, metadata={"help": "Validation documents per length of --eval_words."})
+    eval_words: list[int] = field(default_factory=lambda: [256], metadata={"help": "Validation document lengths."})
+    # Weight 1 lets the attention term drown the answer's loss (measured: answer loss at chance).
+    aux_weight: float = field(default=0.1, metadata={"help": "Weight of the auxiliary attention loss."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of each stage (cosine schedule)."})
+    context_tokens_per_batch: int = field(default=2048, metadata={"help": "Batch size = this / document length."})
+    learnable_merge_weights: bool = field(
+        default=False,
+        metadata={"help": "Train the fine stage's alpha/beta, starting from --alpha_merge / --beta_merge."},
+    )
+    alpha_merge: float | None = field(default=None, metadata={"help": "Fine-stage relevance weight to start from."})
+    beta_merge: float | None = field(default=None, metadata={"help": "Fine-stage redundancy weight to start from."})
+    stop_at: float | None = field(
+        default=None,
+        metadata={
+            "help": "End the last stage early once validation exact match (first --eval_words) reaches this at every "
+            "merge size; checked every --eval_every steps."
+        },
+    )
+    eval_every: int | None = field(
+        default=None, metadata={"help": "Steps between the checks of --stop_at (when not given: 500)."}
+    )
+    stop_merge_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "The merge sizes --stop_at waits for (when not given: all of --merge_sizes; the others are still "
+            "validated)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (stage s trains with seed + s)."})
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", required=True, help="The pretrained backbone, or a COMI model to train on.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--merge_sizes", type=int, nargs="+", default=[4, 8, 16], help="Merge sizes after stage 1.")
-    parser.add_argument("--merge_size", type=int, default=8, help="The saved model's default merge size.")
-    parser.add_argument(
-        "--curriculum",
-        type=_lengths,
-        nargs="+",
-        default=[[32], [64], [128], [256]],
-        help="Document lengths in words, one per stage; '256,1024' mixes lengths in a stage.",
-    )
-    parser.add_argument("--stage_steps", type=int, nargs="+", default=[800, 300, 300, 600], help="Steps per length.")
-    parser.add_argument(
-        "--first_stage_merge_sizes", type=int, nargs="+", default=[1, 2, 4], help="Merge sizes of the first stage."
-    )
-    parser.add_argument("--eval_docs", type=int, default=200)
-    parser.add_argument("--eval_words", type=int, nargs="+", default=[256], help="Validation document lengths.")
-    # Weight 1 lets the attention term drown the answer's loss (measured: answer loss at chance).
-    parser.add_argument("--aux_weight", type=float, default=0.1)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument(
-        "--context_tokens_per_batch", type=int, default=2048, help="Batch size = this / document length."
-    )
-    parser.add_argument(
-        "--learnable_merge_weights",
-        action="store_true",
-        help="Train the fine stage's alpha/beta (SPEC §3), starting from --alpha_merge / --beta_merge.",
-    )
-    parser.add_argument("--alpha_merge", type=float, default=None, help="Fine-stage relevance weight to start from.")
-    parser.add_argument("--beta_merge", type=float, default=None, help="Fine-stage redundancy weight to start from.")
-    parser.add_argument(
-        "--stop_at",
-        type=float,
-        default=None,
-        help="End the last stage early once validation exact match (first --eval_words) reaches this at every "
-        "merge size; checked every --eval_every steps.",
-    )
-    parser.add_argument(
-        "--eval_every", type=int, default=None, help="Steps between the checks of --stop_at (default 500)."
-    )
-    parser.add_argument(
-        "--stop_merge_sizes",
-        type=int,
-        nargs="+",
-        default=None,
-        help="The merge sizes --stop_at waits for (default: all of --merge_sizes; the others are still validated).",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser(FinetuningArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parse_script_arguments(parser, argv)
     if args.stop_at is None and args.eval_every is not None:
         parser.error("--eval_every sets how often --stop_at is checked; give --stop_at too")
     if args.stop_at is not None and not 0 <= args.stop_at <= 1:

@@ -27,17 +27,18 @@ curriculum length and the losses need the generator's positions, neither of whic
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from comi_hf.data import word_level_tokenizer
+from comi_hf.loading import parse_script_arguments
 from comi_hf.synthetic import QUESTION, SPLIT_SEEDS, FactSpan, SyntheticDocument, make_document, vocabulary
 
 LOSS_NAMES = ("lm_loss", "answer_loss", "binding_loss", "retrieval_loss")
@@ -176,23 +177,27 @@ def exact_match(model, tokenizer, documents: list[SyntheticDocument], batch_size
     return correct / len(documents)
 
 
+@dataclass
+class PretrainingArguments:
+    output_dir: str = field(metadata={"help": "Where the model, its tokenizer and pretraining_log.json go."})
+    curriculum: list[int] = field(default_factory=lambda: [32, 64, 128, 256], metadata={"help": "Document lengths."})
+    advance_at: float = field(default=0.9, metadata={"help": "Held-out EM that moves to the next length."})
+    stop_at: float = field(default=0.98, metadata={"help": "Held-out EM at the last length that stops."})
+    tokens_per_batch: int = field(default=4096, metadata={"help": "Batch size = this / (document length + 16)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW's learning rate."})
+    aux_weight: float = field(default=1.0, metadata={"help": "Weight of the auxiliary attention losses."})
+    answer_weight: float = field(default=1.0, metadata={"help": "Weight of the answer tokens' own loss."})
+    eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations."})
+    eval_docs: int = field(default=128, metadata={"help": "Held-out documents per evaluation."})
+    max_steps: int = field(default=20000, metadata={"help": "Stop (and save) after this many steps."})
+    max_minutes: float = field(default=20.0, metadata={"help": "Stop (and save) after this wall time."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (none: torch's choice)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the weights and of the training documents."})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--curriculum", type=int, nargs="+", default=[32, 64, 128, 256], help="Document lengths.")
-    parser.add_argument("--advance_at", type=float, default=0.9, help="Held-out EM that moves to the next length.")
-    parser.add_argument("--stop_at", type=float, default=0.98, help="Held-out EM at the last length that stops.")
-    parser.add_argument("--tokens_per_batch", type=int, default=4096)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--aux_weight", type=float, default=1.0, help="Weight of the auxiliary attention losses.")
-    parser.add_argument("--answer_weight", type=float, default=1.0, help="Weight of the answer tokens' own loss.")
-    parser.add_argument("--eval_every", type=int, default=100, help="Steps between held-out evaluations.")
-    parser.add_argument("--eval_docs", type=int, default=128)
-    parser.add_argument("--max_steps", type=int, default=20000)
-    parser.add_argument("--max_minutes", type=float, default=20.0, help="Stop (and save) after this wall time.")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser(PretrainingArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parse_script_arguments(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -14,20 +14,21 @@ plain causal LM with its tokenizer, pretraining log and card.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import HfArgumentParser
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from comi_hf.loading import parse_script_arguments
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "comi_hf"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-CODE_FILES = (
-    "compressor_comi.py",
-    "configuration_comi.py",
-    "modeling_comi.py",
-    "mig.py",
-    "packing.py",
-    "pipeline_comi.py",
+# The remote code a saved model carries: the model file and what it imports, as transformers finds them.
+CODE_FILES = tuple(
+    sorted({"modeling_comi.py"} | {Path(path).name for path in get_relative_import_files(PACKAGE / "modeling_comi.py")})
 )
 BACKBONE_FILES = (
     "config.json",
@@ -119,14 +120,20 @@ def ship_backbone(backbone_dir: Path, output: Path) -> None:
     (output / "README.md").write_text(backbone_card(log))
 
 
+@dataclass
+class ShipArguments:
+    model_dir: Path = field(metadata={"help": "The trained COMI model (WORK/comi)."})
+    work_dir: Path = field(metadata={"help": "The recipe's work directory (WORK: eval/, backbone/)."})
+    output_dir: Path = field(metadata={"help": "Where the model goes (replaced where it exists)."})
+    backbone_output_dir: Path | None = field(
+        default=None, metadata={"help": "Also ship WORK/backbone here, with its card."}
+    )
+    wall_minutes: int | None = field(default=None, metadata={"help": "The recipe's wall time (minutes), for the card."})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", required=True, type=Path)
-    parser.add_argument("--work_dir", required=True, type=Path)
-    parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument("--backbone_output_dir", type=Path, help="Also ship WORK/backbone here, with its card.")
-    parser.add_argument("--wall_minutes", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser(ShipArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parse_script_arguments(parser, argv)
 
     output = args.output_dir.resolve()
     if output.exists():

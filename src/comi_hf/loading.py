@@ -1,4 +1,5 @@
-"""What the command-line tools share: reading text files, checking a device, loading a model.
+"""What the command-line tools and scripts share: parsing arguments, reading text files, checking a
+device, loading a model.
 
 Each turns the ways these go wrong (a missing or binary file, a closed stdin, a device this
 machine lacks, a directory that is not COMI, a truncated weights file, a Hub that cannot be
@@ -12,10 +13,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["UsageError", "check_device", "first_line", "load_comi", "read_text"]
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+__all__ = ["UsageError", "check_device", "first_line", "load_comi", "parse_script_arguments", "read_text"]
 
 # A Hub repository id: `name` or `namespace/name` (huggingface_hub's rule, without its length checks).
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -23,6 +28,16 @@ _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 class UsageError(Exception):
     """A problem with the user's input, reported in one line."""
+
+
+def parse_script_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
+    """`parser.parse_args_into_dataclasses(argv)`, one instance per dataclass (then a namespace of
+    any arguments added to the parser by hand); an option no dataclass takes is reported as
+    argparse reports one (`error: unrecognized arguments: ...`, exit status 2), not as a traceback."""
+    *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(parsed)
 
 
 def first_line(error: BaseException) -> str:
