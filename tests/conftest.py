@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers.dynamic_module_utils import get_relative_import_files
 
+import comi_hf
 from comi_hf import COMIConfig, COMIForConditionalGeneration
+
+PACKAGE = Path(comi_hf.__file__).resolve().parent
+# The Hub's remote code: the model file and what it imports, found as transformers finds them
+# (what `save_pretrained` copies).
+REMOTE_CODE_FILES = tuple(
+    sorted({"modeling_comi.py"} | {Path(path).name for path in get_relative_import_files(PACKAGE / "modeling_comi.py")})
+)
 
 VOCAB_SIZE = 320
 EOS_ID, PAD_ID = 0, 1

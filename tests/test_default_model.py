@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REMOTE_CODE_FILES
 from datasets import Dataset
 from transformers import AutoTokenizer, pipeline
 
@@ -36,7 +37,7 @@ def test_shipped_directory_is_a_complete_small_hub_repo():
     directory = Path(DEFAULT_MODEL)
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"):
         assert (directory / name).is_file(), name
-    for name in ("configuration_comi.py", "modeling_comi.py", "mig.py", "pipeline_comi.py"):
+    for name in REMOTE_CODE_FILES:
         # One copy of the code: links to the package's modules.
         assert (directory / name).resolve() == (directory.parent / name).resolve(), name
     assert (directory / "model.safetensors").stat().st_size < 5_000_000

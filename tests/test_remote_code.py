@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, tiny_comi
-from transformers.dynamic_module_utils import get_relative_import_files
-
-import comi_hf
+from conftest import PACKAGE, REMOTE_CODE_FILES, random_batch, tiny_comi
+from transformers.dynamic_module_utils import get_imports
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = Path(comi_hf.__file__).resolve().parent
-# What `save_pretrained` copies: the model file and what it imports, found as transformers finds them.
-REMOTE_CODE_FILES = tuple(
-    sorted({"modeling_comi.py"} | {Path(path).name for path in get_relative_import_files(PACKAGE / "modeling_comi.py")})
-)
+# What loading remote code may import: the standard library and what transformers itself needs.
+REMOTE_CODE_DEPENDENCIES = {"torch", "transformers", "huggingface_hub"}
 
 
 def test_top_level_entry_points_are_the_package_files():
@@ -29,6 +24,14 @@ def test_top_level_entry_points_are_the_package_files():
         entry = REPO / name
         assert entry.is_symlink(), f"{name} must link to the package's file, not copy it"
         assert entry.resolve() == (PACKAGE / name).resolve()
+
+
+def test_remote_code_needs_no_package_beyond_torch_and_transformers():
+    # transformers refuses remote code whose imports outside `try` are not installed (on the Hub it
+    # checks every file; in a local directory only the model file).
+    for name in REMOTE_CODE_FILES:
+        extra = set(get_imports(PACKAGE / name)) - REMOTE_CODE_DEPENDENCIES - set(sys.stdlib_module_names)
+        assert not extra, f"{name} needs {sorted(extra)} to load with trust_remote_code"
 
 
 def test_remote_code_files_import_each_other_only_as_flat_relative_modules():
@@ -59,6 +62,7 @@ _FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
     sys.modules["comi_hf"] = None  # the package must not be needed
+    sys.modules["deepspeed"] = None  # nor DeepSpeed, which only the test extra installs
     try:
         import comi_hf
     except ImportError:

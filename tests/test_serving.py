@@ -45,6 +45,25 @@ def test_prompt_encoder_loads_no_decoder_layers_and_builds_what_generate_reads(s
     assert encoder.generation_config.repetition_penalty == 1.3
 
 
+def test_prompt_embeds_take_per_call_mig_options_and_refuse_them_with_given_memory(saved):
+    directory, model = saved
+    encoder = COMIPromptEncoder.from_pretrained(directory)
+    batch = random_batch()
+    options = {"fine": False}
+    with torch.no_grad():
+        embeds = encoder.prompt_embeds(*batch, merge_size=4, mig_options=options)
+        memory, memory_mask = model.compress(*batch, merge_size=4, mig_options=options)
+        plain = encoder.prompt_embeds(*batch, merge_size=4)
+    rows, mask, _ = decoder_inputs(model.get_input_embeddings(), memory, memory_mask, batch[2], batch[3].bool())
+    for prompt, row, row_mask, default in zip(embeds, rows, mask, plain, strict=True):
+        assert torch.equal(prompt, row[row_mask])
+        assert not torch.equal(prompt, default)  # the fine stage off: group means, not MIG weights
+    with pytest.raises(ValueError, match="not both"):
+        encoder.prompt_embeds(
+            query_ids=batch[2], query_attention_mask=batch[3], memory=(memory, memory_mask), mig_options=options
+        )
+
+
 def test_prompt_encoder_saves_most_of_a_qwen3_4b_shaped_model():
     """Counted on the meta device: a Qwen3-4B-shaped backbone (36 layers, hidden 2560), encoder 8, LSA 1."""
     backbone = Qwen3Config(

@@ -2,7 +2,7 @@
 
 The backbone's weights fill the decoder; the encoder (its first `encoder_layers` layers, its
 embeddings and final norm) and the LSA block (its first `num_mem_fusion_layers` layers and final
-norm) start as copies of them (docs/method.md, "The model").
+norm) start as copies of them (comi_hf's docs/method.md, "The model").
 """
 
 from __future__ import annotations
@@ -108,6 +108,13 @@ def _gathered(tensors: list[torch.Tensor]):
     partitioned = [tensor for tensor in tensors if hasattr(tensor, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
-    import deepspeed
+    # Inside `try`, which transformers' check of remote code skips: loading this model with
+    # `trust_remote_code` must not require DeepSpeed, whose parameters only exist under it anyway.
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise RuntimeError(
+            "These weights are partitioned by DeepSpeed ZeRO-3, but deepspeed fails to import."
+        ) from error
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)

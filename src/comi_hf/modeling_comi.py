@@ -153,7 +153,7 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
 
         The decoder is the checkpoint itself; the encoder is a copy of its first
         `encoder_layers` layers plus its embeddings and final norm; the LSA block is a copy of
-        its first `num_mem_fusion_layers` layers plus its final norm (docs/method.md).
+        its first `num_mem_fusion_layers` layers plus its final norm (comi_hf's docs/method.md).
 
         Args:
             pretrained_model_name_or_path: the backbone (Qwen2, Qwen3, Llama, Mistral, ...).
@@ -391,10 +391,12 @@ class COMIPromptEncoder(COMICompressionModel):
         context_encoding: COMIContextEncoding | None = None,
         context_index: torch.LongTensor | None = None,
         memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mig_options: dict | None = None,
     ) -> list[torch.Tensor]:
         """Each query's decoder input `[memory ; query]`, `(memory_len + query_len, hidden)`, unpadded.
 
-        Takes the inputs of `COMIForConditionalGeneration.generate` as token ids.
+        Takes the inputs of `COMIForConditionalGeneration.generate` as token ids, and
+        [`compress`]'s `mig_options`.
         """
         memory, memory_mask, query_mask = _memory_and_query(
             self,
@@ -406,6 +408,7 @@ class COMIPromptEncoder(COMICompressionModel):
             memory,
             context_encoding,
             context_index,
+            mig_options,
         )
         embeds, mask, _ = decoder_inputs(self.embed_tokens, memory, memory_mask, query_ids, query_mask)
         return [row[row_mask] for row, row_mask in zip(embeds, mask, strict=True)]
@@ -429,6 +432,7 @@ def _memory_and_query(
     memory=None,
     context_encoding=None,
     context_index=None,
+    mig_options=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory (compressed here, or given) and the query's real-token mask: the checks and the
     compression that `forward`, `generate` and `prompt_embeds` share."""
@@ -446,10 +450,11 @@ def _memory_and_query(
             merge_size,
             context_encoding=context_encoding,
             context_index=context_index,
+            mig_options=mig_options,
         )
-    elif has_context or merge_size is not None:
+    elif has_context or merge_size is not None or mig_options is not None:
         raise ValueError(
-            "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`) or as compressed "
+            "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`, `mig_options`) or as compressed "
             "`memory`, not both."
         )
     else:
