@@ -125,15 +125,7 @@ def mig_compress(
     token_index = token_mask.reshape(-1).nonzero().squeeze(1)
     num_tokens = token_index.numel()
     if num_tokens == 0:
-        memory = hidden_states.new_zeros(batch_size, 0, hidden_size)
-        memory_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        if return_details:
-            details = MIGDetails(
-                token_memory=torch.full((batch_size, seq_len), -1, dtype=torch.long, device=device),
-                token_weight=torch.zeros(batch_size, seq_len, device=device),
-            )
-            return memory, memory_mask, details
-        return memory, memory_mask
+        return _no_memory(hidden_states, return_details)
     token_row = token_index // seq_len
     flat_states = hidden_states.reshape(batch_size * seq_len, hidden_size)
     # Without padding the real tokens are the flat rows themselves: read them as views, not copies.
@@ -174,25 +166,48 @@ def mig_compress(
     group_start = group_end - sizes
     token_group = torch.repeat_interleave(torch.arange(num_groups, device=device), sizes, output_size=num_tokens)
 
-    if fine:
-        if fine_redundancy:
-            redundancy = _max_cosine_to_others(
-                flat_states,
-                unit_index,
-                inv_norm,
-                group_start[token_group],
-                group_end[token_group],
-                work_elements,
-            )
-            gain = alpha_merge * relevance - beta_merge * redundancy
-        else:
-            gain = alpha_merge * relevance
-        weights = _segment_softmax(gain, token_group, num_groups)
-    else:
+    if not fine:
         weights = (1.0 / sizes.to(compute_dtype))[token_group]
+    elif fine_redundancy:
+        segment_start, segment_end = group_start[token_group], group_end[token_group]
+        redundancy = _max_cosine_to_others(flat_states, unit_index, inv_norm, segment_start, segment_end, work_elements)
+        weights = _segment_softmax(alpha_merge * relevance - beta_merge * redundancy, token_group, num_groups)
+    else:
+        weights = _segment_softmax(alpha_merge * relevance, token_group, num_groups)
 
     fused = _weighted_segment_sum(flat_states, unit_index, weights, token_group, num_groups, work_elements)
+    return _memory_rows(hidden_states, fused, group_row, token_index, token_group, weights, return_details)
 
+
+def _no_memory(hidden_states: torch.Tensor, return_details: bool):
+    """`mig_compress`'s result for a batch without a real token: no memory vector in any row."""
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    device = hidden_states.device
+    memory = hidden_states.new_zeros(batch_size, 0, hidden_size)
+    memory_mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+    if not return_details:
+        return memory, memory_mask
+    details = MIGDetails(
+        token_memory=torch.full((batch_size, seq_len), -1, dtype=torch.long, device=device),
+        token_weight=torch.zeros(batch_size, seq_len, device=device),
+    )
+    return memory, memory_mask, details
+
+
+def _memory_rows(
+    hidden_states: torch.Tensor,
+    fused: torch.Tensor,
+    group_row: torch.Tensor,
+    token_index: torch.Tensor,
+    token_group: torch.Tensor,
+    weights: torch.Tensor,
+    return_details: bool,
+):
+    """The fused groups `(groups, hidden)` placed as each row's memory vectors, in order, zeros after
+    them: `mig_compress`'s `(memory, memory_mask[, details])`."""
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    device = hidden_states.device
+    num_groups = fused.shape[0]
     # Position of each group among its row's memory vectors.
     groups_per_row = torch.bincount(group_row, minlength=batch_size)
     first_group_of_row = groups_per_row.cumsum(0) - groups_per_row
@@ -201,14 +216,14 @@ def mig_compress(
     memory = hidden_states.new_zeros(batch_size, max_memory, hidden_size)
     memory = memory.index_put((group_row, memory_position), fused.to(hidden_states.dtype))
     memory_mask = torch.arange(max_memory, device=device)[None, :] < groups_per_row[:, None]
-    if return_details:
-        token_memory = torch.full((batch_size * seq_len,), -1, dtype=torch.long, device=device)
-        token_memory[token_index] = memory_position[token_group]
-        token_weight = torch.zeros(batch_size * seq_len, dtype=weights.dtype, device=device)
-        token_weight[token_index] = weights.detach()
-        details = MIGDetails(token_memory.view(batch_size, seq_len), token_weight.view(batch_size, seq_len))
-        return memory, memory_mask, details
-    return memory, memory_mask
+    if not return_details:
+        return memory, memory_mask
+    token_memory = torch.full((batch_size * seq_len,), -1, dtype=torch.long, device=device)
+    token_memory[token_index] = memory_position[token_group]
+    token_weight = torch.zeros(batch_size * seq_len, dtype=weights.dtype, device=device)
+    token_weight[token_index] = weights.detach()
+    details = MIGDetails(token_memory.view(batch_size, seq_len), token_weight.view(batch_size, seq_len))
+    return memory, memory_mask, details
 
 
 def _check_inputs(
