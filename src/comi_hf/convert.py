@@ -102,6 +102,15 @@ def convert_official_state_dict(
     if unknown:
         raise CheckpointMismatch(f"keys the official layout does not have: {', '.join(unknown[:10])}")
 
+    converted.update(_merged_lora_weights(lora, lora_r, lora_alpha))
+    return converted, scalars, depths, dropped
+
+
+def _merged_lora_weights(
+    lora: dict[str, dict[str, torch.Tensor]], lora_r: int, lora_alpha: float
+) -> dict[str, torch.Tensor]:
+    """Each LoRA'd decoder module's weight `W + (alpha / r) B A` (and its bias), by COMI key."""
+    merged = {}
     scaling = lora_alpha / lora_r
     for module, parts in lora.items():
         if "base_weight" not in parts:
@@ -116,10 +125,10 @@ def convert_official_state_dict(
                     f"decoder.{module}.lora_A has rank {lora_a.shape[0]}, but --lora-r is {lora_r}"
                 )
             weight = (weight.float() + scaling * (lora_b @ lora_a)).to(weight.dtype)
-        converted[f"decoder.{module}.weight"] = weight
+        merged[f"decoder.{module}.weight"] = weight
         if "base_bias" in parts:
-            converted[f"decoder.{module}.bias"] = parts["base_bias"]
-    return converted, scalars, depths, dropped
+            merged[f"decoder.{module}.bias"] = parts["base_bias"]
+    return merged
 
 
 def run(args: argparse.Namespace) -> int:
