@@ -24,9 +24,10 @@ def _load_example(name, path=None):
     """An example script as a module (it is no package's: loaded from its file). Registered in
     `sys.modules` first, as an import does: `dataclasses` looks the module up there to resolve the
     string annotations of the script's argument dataclasses."""
-    spec = importlib.util.spec_from_file_location(name, path or EXAMPLES / f"{name}.py")
+    module_name = f"comi_script_{name}"  # never a real package's name (`evaluate` is one)
+    spec = importlib.util.spec_from_file_location(module_name, path or EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 
