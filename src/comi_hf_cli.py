@@ -11,10 +11,15 @@ arguments to the module that does the work. Every problem with the user's input 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 __all__ = [
+    "COMMANDS",
     "comi_convert",
     "comi_export_decoder",
     "comi_qa",
@@ -23,11 +28,15 @@ __all__ = [
     "convert_parser",
     "export_parser",
     "qa_parser",
+    "run_command",
     "serve_parser",
     "synth_parser",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The longest comi-synth document, in words: 100 times what the default model reads, and still a
+# few megabytes of JSONL per document.
+MAX_SYNTH_WORDS = 1_000_000
 
 
 def qa_parser() -> argparse.ArgumentParser:
@@ -79,7 +88,12 @@ def synth_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", choices=("test", "train", "validation"), required=True)
     parser.add_argument("--num-docs", type=int, required=True)
-    parser.add_argument("--words", type=int, default=256, help="Document length in words (= tokens), 16 or more.")
+    parser.add_argument(
+        "--words",
+        type=int,
+        default=256,
+        help=f"Document length in words (= tokens), 16 to {MAX_SYNTH_WORDS:,} (default 256).",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Most repetitions of a distractor fact.")
     parser.add_argument("--output", required=True, help="JSONL file to write ('-' for stdout).")
     return parser
@@ -148,68 +162,96 @@ def quiet_deepspeed() -> None:
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to" not in record.getMessage())
 
 
-def fail(prog: str, message: str) -> int:
-    """Report a problem with the user's input in one line; returns the exit status, 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+@dataclass(frozen=True)
+class Command:
+    """A console script: its parser, the module whose `run(args)` does the work, the range of each
+    integer option (least, most or `None`), and whether it writes its results to stdout
+    (`"always"`, or the option whose value `-` means stdout)."""
+
+    parser: Callable[[], argparse.ArgumentParser]
+    module: str
+    ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    stdout: str | None = None
 
 
-def _too_small(args: argparse.Namespace, minimums: dict[str, int]) -> str | None:
-    for name, minimum in minimums.items():
+# comi_hf.processing_comi.MAX_MERGE_SIZE, repeated here so that parsing imports nothing.
+_MERGE = (1, 2**31 - 1)
+COMMANDS = {
+    "comi-qa": Command(
+        qa_parser, "comi_hf.cli", {"merge_size": _MERGE, "max_new_tokens": (1, None), "batch_size": (1, None)}, "always"
+    ),
+    "comi-convert": Command(
+        convert_parser, "comi_hf.convert", {"lora_r": (1, None), "merge_size": _MERGE, "segment_size": (1, None)}
+    ),
+    "comi-synth": Command(
+        synth_parser,
+        "comi_hf.synthetic",
+        {"num_docs": (1, None), "words": (16, MAX_SYNTH_WORDS), "repeats": (1, None)},
+        "output",
+    ),
+    "comi-serve": Command(
+        serve_parser,
+        "comi_hf.serving.server",
+        {"port": (1, 65535), "cache_bytes": (0, None), "max_context_tokens": (1, None), "max_request_bytes": (1, None)},
+    ),
+    "comi-export-decoder": Command(export_parser, "comi_hf.serving.export"),
+}
+
+
+def _report(prog: str, kind: str, message: object) -> None:
+    if sys.stderr is not None:
+        print(f"{prog}: {kind}: {message}", file=sys.stderr)
+
+
+def _usage_problem(command: Command, args: argparse.Namespace) -> str | None:
+    """What is wrong with parsed arguments that argparse does not check, or `None`."""
+    for name, (least, most) in command.ranges.items():
         value = getattr(args, name)
-        if value is not None and value < minimum:
-            return f"--{name.replace('_', '-')} must be at least {minimum}, got {value}"
+        if value is not None and (value < least or (most is not None and value > most)):
+            bounds = f"from {least} to {most}" if most is not None else f"at least {least}"
+            return f"--{name.replace('_', '-')} must be {bounds}, got {value}"
+    writes_stdout = command.stdout == "always" or (command.stdout and getattr(args, command.stdout) == "-")
+    if writes_stdout and sys.stdout is None:
+        return "stdout is closed: there is nowhere to write the results"
     return None
 
 
-def comi_qa(argv: list[str] | None = None) -> int:
-    args = qa_parser().parse_args(argv)
-    problem = _too_small(args, {"merge_size": 1, "max_new_tokens": 1, "batch_size": 1})
+def run_command(prog: str, argv: list[str] | None = None) -> int:
+    """Parse `prog`'s arguments, run it, and turn any `COMIError` into one `PROG: error: ...` line
+    and exit status 2 (argparse's own errors end the same way); returns the exit status."""
+    command = COMMANDS[prog]
+    args = command.parser().parse_args(argv)
+    problem = _usage_problem(command, args)
     if problem:
-        return fail("comi-qa", problem)
+        _report(prog, "error", problem)
+        return 2
     quiet_deepspeed()
-    from comi_hf.cli import run
+    # A warning about the input (say, a question the tokenizer cannot read) as one line on stderr.
+    warnings.showwarning = lambda message, *_, **__: _report(prog, "warning", message)
+    from comi_hf.errors_comi import COMIError
 
-    return run(args)
+    try:
+        return importlib.import_module(command.module).run(args) or 0
+    except COMIError as error:
+        _report(prog, "error", error)
+        return 2
+
+
+def comi_qa(argv: list[str] | None = None) -> int:
+    return run_command("comi-qa", argv)
 
 
 def comi_convert(argv: list[str] | None = None) -> int:
-    args = convert_parser().parse_args(argv)
-    problem = _too_small(args, {"lora_r": 1, "merge_size": 1, "segment_size": 1})
-    if problem:
-        return fail("comi-convert", problem)
-    if not args.lora_alpha > 0:  # also refuses nan
-        return fail("comi-convert", f"--lora-alpha must be > 0, got {args.lora_alpha}")
-    quiet_deepspeed()
-    from comi_hf.convert import run
-
-    return run(args)
+    return run_command("comi-convert", argv)
 
 
 def comi_synth(argv: list[str] | None = None) -> int:
-    args = synth_parser().parse_args(argv)
-    problem = _too_small(args, {"num_docs": 1, "words": 16, "repeats": 1})
-    if problem:
-        return fail("comi-synth", problem)
-    from comi_hf.synthetic import run
-
-    return run(args)
+    return run_command("comi-synth", argv)
 
 
 def comi_serve(argv: list[str] | None = None) -> int:
-    args = serve_parser().parse_args(argv)
-    problem = _too_small(args, {"port": 1, "cache_bytes": 0, "max_context_tokens": 1, "max_request_bytes": 1})
-    if problem:
-        return fail("comi-serve", problem)
-    quiet_deepspeed()
-    from comi_hf.serving.server import run
-
-    return run(args)
+    return run_command("comi-serve", argv)
 
 
 def comi_export_decoder(argv: list[str] | None = None) -> int:
-    args = export_parser().parse_args(argv)
-    quiet_deepspeed()
-    from comi_hf.serving.export import run
-
-    return run(args)
+    return run_command("comi-export-decoder", argv)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from mig_reference import reference_group_sizes, reference_mig_compress
 
-from comi_hf import mig, mig_compress
+from comi_hf import NonFiniteError, mig, mig_compress
 from comi_hf.memory_meter import PeakMemory
 
 SWITCHES = list(itertools.product([True, False], repeat=4))
@@ -181,12 +181,12 @@ def test_non_finite_states_or_queries_are_named_by_row(switches, value):
     states, query, mask = _padded_batch()
     bad_states = states.clone()
     bad_states[1, 5, 3] = value
-    with pytest.raises(mig.NonFiniteInputError, match=r"`hidden_states` at real tokens of row\(s\) \[1\]") as caught:
+    with pytest.raises(NonFiniteError, match=r"`hidden_states` at real tokens of row\(s\) \[1\]") as caught:
         mig_compress(bad_states, query, 8, mask, **switches)
     assert caught.value.rows == [1]
     bad_query = query.clone()
     bad_query[3, 0] = value
-    with pytest.raises(mig.NonFiniteInputError, match=r"`query` in row\(s\) \[3\]"):
+    with pytest.raises(NonFiniteError, match=r"`query` in row\(s\) \[3\]"):
         mig_compress(states, bad_query, 8, mask, **switches)
     # Padding is never read: whatever it holds changes nothing.
     padded = states.clone()

@@ -293,7 +293,7 @@ def test_bad_inputs_get_clear_errors(tokenizer):
         model.generate(ids.repeat(2, 1), None, query, None)
     with pytest.raises(ValueError, match="needs `tokenizer=`"):
         model.generate(context="some text", query="a question")
-    with pytest.raises(ValueError, match="Empty context text"):
+    with pytest.raises(ValueError, match="`context` is empty"):
         model.generate(context=" ", query="a question", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="2 contexts but `query_ids` holds 1 queries"):
         model.generate(context=["a", "b"], query=["c"], tokenizer=tokenizer)

@@ -153,13 +153,13 @@ def test_return_compression_describes_every_token(pipe):
 @pytest.mark.parametrize(
     "call,error,message",
     [
-        (lambda p: p(context="", question="q ?"), ValueError, "context is empty"),
-        (lambda p: p(context="some text", question="  "), ValueError, "Question 0 is empty"),
+        (lambda p: p(context="", question="q ?"), ValueError, "`context` is empty"),
+        (lambda p: p(context="some text", question="  "), ValueError, "`question` is empty"),
         (lambda p: p(context="some text"), ValueError, "exactly one of `question`"),
         (lambda p: p(context="some text", question="a", questions=["b"]), ValueError, "exactly one of"),
         (lambda p: p(context=3, question="a"), TypeError, "`context` must be a string"),
         (lambda p: p(context="text", questions=[]), TypeError, "non-empty list"),
-        (lambda p: p(context="text", questions=["a", 2]), TypeError, "Question 1 must be a string"),
+        (lambda p: p(context="text", questions=["a", 2]), TypeError, r"`questions\[1\]` must be a string"),
         (lambda p: p(question="a"), ValueError, "Give a `context`"),
         (lambda p: p(context="text", question="a", merge_size=0), ValueError, "merge_size"),
         (lambda p: p([{"context": "t", "questions": ["a"]}], batch_size=2), ValueError, "one at a time"),

@@ -10,9 +10,16 @@ import torch
 from conftest import random_batch, tiny_comi
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
-from comi_hf import COMIConfig, COMIContextEncoding, COMIForConditionalGeneration, COMIPromptEncoder
+from comi_hf import (
+    COMIConfig,
+    COMIContextEncoding,
+    COMIForConditionalGeneration,
+    COMIPromptEncoder,
+    InvalidInputError,
+    UnsupportedSettingError,
+)
 from comi_hf.packing import decoder_inputs
-from comi_hf.serving import DecoderError, EncodedContextCache, UnsupportedSetting, VLLMServerDecoder, vllm_sampling
+from comi_hf.serving import EncodedContextCache, VLLMServerDecoder, vllm_sampling
 from comi_hf.training import prepare_for_training
 
 
@@ -164,7 +171,7 @@ def test_generation_settings_map_onto_vllm_or_are_refused():
         ({"max_new_tokens": None}, "give `max_new_tokens`"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ):
-        with pytest.raises((UnsupportedSetting, ValueError), match=message):
+        with pytest.raises(InvalidInputError, match=message):
             vllm_sampling(official, **settings)
 
 
@@ -172,5 +179,5 @@ def test_a_server_without_comi_hfs_penalty_processor_gets_no_penalised_request()
     decoder = VLLMServerDecoder("http://127.0.0.1:9")  # never contacted
     decoder.has_output_penalty = False
     official = GenerationConfig(do_sample=False, max_new_tokens=4, repetition_penalty=1.3)
-    with pytest.raises(DecoderError, match="lacks comi_hf's repetition-penalty processor"):
+    with pytest.raises(UnsupportedSettingError, match="lacks comi_hf's repetition-penalty processor"):
         asyncio.run(decoder.complete(torch.zeros(3, 8), vllm_sampling(official)))

@@ -20,8 +20,8 @@ import pytest
 from conftest import tiny_comi
 from tcp_proxy import TCPProxy
 
-from comi_hf import COMIForConditionalGeneration
-from comi_hf.serving import COMIServingClient, UnsupportedSetting
+from comi_hf import COMIForConditionalGeneration, UnsupportedSettingError
+from comi_hf.serving import COMIServingClient
 from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ def test_what_vllm_cannot_reproduce_is_refused(client):
         ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2"),
         ({"streamer": object()}, "streamer"),
     ):
-        with pytest.raises(UnsupportedSetting, match=message):
+        with pytest.raises(UnsupportedSettingError, match=message):
             client.answer(context=CONTEXTS[0], question=QUESTIONS[0], **settings)
 
 

@@ -5,7 +5,20 @@ import os
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comi import COMIConfig
-from .mig import MIGDetails, NonFiniteInputError, mig_compress
+from .errors_comi import (
+    COMIError,
+    ContextTooLongError,
+    DecoderError,
+    DecoderRefusedError,
+    DecoderUnavailableError,
+    InvalidInputError,
+    MalformedDataError,
+    ModelLoadError,
+    NonFiniteError,
+    UnsupportedSettingError,
+    UsageError,
+)
+from .mig import MIGDetails, mig_compress
 from .modeling_comi import (
     MIG_OPTIONS,
     COMICompressionDetails,
@@ -37,6 +50,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "MIG_OPTIONS",
     "PIPELINE_TASK",
+    "COMIError",
     "COMICompressionDetails",
     "COMICompressionModel",
     "COMIConfig",
@@ -46,8 +60,17 @@ __all__ = [
     "COMIPreTrainedModel",
     "COMIPromptEncoder",
     "COMIQuestionAnsweringPipeline",
+    "ContextTooLongError",
+    "DecoderError",
+    "DecoderRefusedError",
+    "DecoderUnavailableError",
+    "InvalidInputError",
     "MIGDetails",
-    "NonFiniteInputError",
+    "MalformedDataError",
+    "ModelLoadError",
+    "NonFiniteError",
+    "UnsupportedSettingError",
+    "UsageError",
     "mig_compress",
     "official_generation_config",
 ]

@@ -20,54 +20,72 @@ from pathlib import Path
 
 import torch
 
-from .loading import UsageError, check_device, load_comi, read_text
+from .errors_comi import UsageError
+from .loading import check_device, load_comi, read_text
+from .processing_comi import COMIInput, check_decoder_positions, check_merge_size, check_text, prepare_inputs
 
-__all__ = ["main", "run"]
+__all__ = ["run"]
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     context = read_text(args.context_file, "context file")
-    if not context.strip():
-        raise UsageError("the context is empty")
     if args.question is not None:
-        questions = [args.question]
+        questions = [check_text(args.question, "question")]
     else:
         text = read_text(args.questions_file, "questions file")
         questions = [line.strip() for line in text.splitlines() if line.strip()]
         if not questions:
             raise UsageError(f"no questions in {args.questions_file}")
-    if any(not question.strip() for question in questions):
-        raise UsageError("the question is empty")
     return context, questions
 
 
 def _load_pipeline(args: argparse.Namespace):
     from transformers import pipeline
+    from transformers.utils import logging as hf_logging
 
     from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK
 
     device = check_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
+    # Loading a small model takes a moment; its per-weight bar is noise on a command line.
+    hf_logging.disable_progress_bar()
+    try:
+        model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
+    finally:
+        hf_logging.enable_progress_bar()
     return pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device=device)
 
 
-def _answer(args: argparse.Namespace, pipe, context: str, questions: list[str]) -> list[dict]:
+def _prepare(args: argparse.Namespace, pipe, context: str, questions: list[str]) -> COMIInput:
+    """The inputs checked and tokenised once, and refused before any encoding when the decoder
+    would read past its positions."""
+    model = pipe.model
+    vocab_size = model.get_input_embeddings().num_embeddings
+    (prepared,) = prepare_inputs({"context": context, "questions": questions}, pipe.tokenizer, vocab_size)
+    merge_size = model.config.merge_size if args.merge_size is None else check_merge_size(args.merge_size)
+    new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens or 0
+    longest_question = max(len(ids) for ids in prepared.question_ids)
+    check_decoder_positions(model.config, len(prepared.context_ids), longest_question, merge_size, new_tokens)
+    return prepared
+
+
+def _answer(args: argparse.Namespace, pipe, prepared: COMIInput, questions: list[str]) -> list[dict]:
     from tqdm.auto import tqdm
 
-    options = {"return_compression": bool(args.explain)}
+    options = {"return_compression": bool(args.explain), "show_progress": True}
     if args.merge_size is not None:
         options["merge_size"] = args.merge_size
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
     results = []
-    chunks = [questions[start : start + args.batch_size] for start in range(0, len(questions), args.batch_size)]
+    starts = range(0, len(questions), args.batch_size)
     # A bar only when there is more than one batch of questions to wait for.
-    bar = tqdm(total=len(questions), desc="Answering", unit="question", file=sys.stderr, disable=len(chunks) <= 1)
+    bar = tqdm(total=len(questions), desc="Answering", unit="question", file=sys.stderr, disable=len(starts) <= 1)
     with bar as progress:
-        for chunk in chunks:
-            output = pipe(context=context, questions=chunk, **options)
-            for position, question in enumerate(chunk):
+        for start in starts:
+            chunk = prepared.question_ids[start : start + args.batch_size]
+            output = pipe(context=prepared.context_ids, questions=chunk, **options)
+            for position, question in enumerate(questions[start : start + args.batch_size]):
                 result = {
                     "question": question,
                     "answer": output["answers"][position],
@@ -97,37 +115,23 @@ def _print_results(args: argparse.Namespace, results: list[dict]) -> None:
         raise UsageError(f"cannot write the answers to stdout: {error.strerror or error}") from error
 
 
-def run(args: argparse.Namespace) -> int:
-    """`comi-qa` with parsed arguments (see `comi_hf_cli.qa_parser`); returns the exit status."""
-    try:
-        context, questions = _read_inputs(args)
-        pipe = _load_pipeline(args)
-        results = _answer(args, pipe, context, questions)
-        if args.explain:
-            from .explain import render_compression_html
+def run(args: argparse.Namespace) -> None:
+    """`comi-qa` with parsed arguments (see `comi_hf_cli.qa_parser`); problems are `COMIError`s."""
+    context, questions = _read_inputs(args)
+    pipe = _load_pipeline(args)
+    prepared = _prepare(args, pipe, context, questions)
+    results = _answer(args, pipe, prepared, questions)
+    if args.explain:
+        from .explain import render_compression_html
 
-            page = render_compression_html(
-                [result["compression"] for result in results],
-                questions=questions,
-                answers=[result["answer"] for result in results],
-                merge_size=args.merge_size or pipe.model.config.merge_size,
-            )
-            try:
-                Path(args.explain).write_text(page, encoding="utf-8")
-            except OSError as error:
-                raise UsageError(f"cannot write {args.explain}: {error.strerror}") from error
-        _print_results(args, results)
-    except UsageError as error:
-        print(f"comi-qa: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from comi_hf_cli import comi_qa
-
-    return comi_qa(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        page = render_compression_html(
+            [result["compression"] for result in results],
+            questions=questions,
+            answers=[result["answer"] for result in results],
+            merge_size=args.merge_size or pipe.model.config.merge_size,
+        )
+        try:
+            Path(args.explain).write_text(page, encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write {args.explain}: {error.strerror}") from error
+    _print_results(args, results)

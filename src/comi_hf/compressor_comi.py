@@ -13,14 +13,18 @@ query ids ───┘                                                      │
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache
 from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.logging import tqdm
 
 from .configuration_comi import COMIConfig, draw_merge_size
-from .mig import NonFiniteInputError, check_merge_size, describe_value, mig_compress
+from .errors_comi import InvalidInputError, ModelLoadError, NonFiniteError
+from .mig import mig_compress
 from .packing import (
     COMIContextEncoding,
     concatenate_rows,
@@ -31,12 +35,14 @@ from .packing import (
     rows_to_samples,
     segment_contexts,
 )
+from .processing_comi import check_merge_size, real_token_mask
 
 __all__ = [
     "MIG_OPTIONS",
     "COMICompressionModel",
     "COMIMIGCompressor",
     "COMIPreTrainedModel",
+    "check_finite_weights",
     "loading_problems",
     "loading_report",
 ]
@@ -87,7 +93,9 @@ class COMIMIGCompressor(nn.Module):
         """`(rows, n, hidden)` states, `(rows, hidden)` queries -> `(rows, M, hidden)` memory and its mask."""
         unknown = sorted(set(options) - set(MIG_OPTIONS))
         if unknown:
-            raise ValueError(f"Unknown MIG option(s) {unknown}; the options are {list(MIG_OPTIONS)}.")
+            raise InvalidInputError(
+                f"Unknown MIG option(s) {unknown}; the options are {list(MIG_OPTIONS)}.", field="mig_options"
+            )
         settings = {**self.settings(), **options}
         return mig_compress(hidden_states, query, merge_size, attention_mask, **settings, return_details=return_details)
 
@@ -132,11 +140,15 @@ class COMIPreTrainedModel(PreTrainedModel):
         # would make `pipeline("comi-qa", model=model)` demand `trust_remote_code`.
         vars(model.config).pop("custom_pipelines", None)
         problems = loading_report(loading_info)
+        if not problems:
+            check_finite_weights(model, pretrained_model_name_or_path)
         if problems:
             hint = ""
             if any(key.startswith("model.") for key in loading_info.get("unexpected_keys", ())):
                 hint = " It looks like a plain decoder-only checkpoint: build COMI from it with `from_backbone`."
-            raise ValueError(f"{pretrained_model_name_or_path} is not a matching COMI checkpoint: {problems}.{hint}")
+            raise ModelLoadError(
+                f"{pretrained_model_name_or_path} is not a matching COMI checkpoint: {problems}.{hint}"
+            )
         return (model, loading_info) if output_loading_info else model
 
 
@@ -174,7 +186,7 @@ class COMICompressionModel(COMIPreTrainedModel):
         return self.encoder.get_input_embeddings()
 
     def encode_context(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, show_progress: bool = False
     ) -> COMIContextEncoding:
         """Run the encoder over contexts once, to compress them against any number of queries.
 
@@ -185,12 +197,17 @@ class COMICompressionModel(COMIPreTrainedModel):
         Args:
             input_ids: `(batch, context_len)` context token ids, padded on either side.
             attention_mask: `(batch, context_len)`, 1 for real tokens (`None`: all real).
+            show_progress: show a progress bar (on stderr) over the segments of long contexts.
         """
         rows = self._context_rows(input_ids, attention_mask)
         if not self._encoder_caches_whole_context():
             return rows
         rows.hidden_states, rows.key_values = self._encode_rows(
-            rows.input_ids, rows.context_mask, rows_per_pass=rows.batch_size, use_cache=True
+            rows.input_ids,
+            rows.context_mask,
+            rows_per_pass=rows.batch_size,
+            use_cache=True,
+            show_progress=show_progress,
         )
         return rows
 
@@ -229,11 +246,15 @@ class COMICompressionModel(COMIPreTrainedModel):
         """
         merge_size = self._resolve_merge_size(merge_size)
         if query_ids is None:
-            raise ValueError("COMI compresses a context against a query: `query_ids` is missing.")
+            raise InvalidInputError(
+                "COMI compresses a context against a query: `query_ids` is missing.", field="query_ids"
+            )
         query_mask = self._real_tokens(query_ids, query_attention_mask, "query_ids", "query_attention_mask")
         _require_non_empty(query_mask, "query")
         if (context_encoding is None) == (input_ids is None):
-            raise ValueError("Give the contexts as `input_ids` or as a `context_encoding` (one of them).")
+            raise InvalidInputError(
+                "Give the contexts as `input_ids` or as a `context_encoding` (one of them).", field="input_ids"
+            )
         contexts = context_encoding or self._context_rows(input_ids, attention_mask)
         num_queries = query_ids.shape[0]
         context_index = resolve_context_index(context_index, contexts.batch_size, num_queries, query_ids.device)
@@ -275,9 +296,9 @@ class COMICompressionModel(COMIPreTrainedModel):
             return self.compressor(
                 hidden, query_vector, segment_mask, merge_size, return_details=return_details, **options
             )
-        except NonFiniteInputError as error:
+        except NonFiniteError as error:
             queries = sorted({int(row_query[row]) for row in error.rows})
-            raise NonFiniteInputError(
+            raise NonFiniteError(
                 f"The encoder's hidden states hold NaN or inf for query(s) {queries} (encoder in "
                 f"{hidden.dtype}; in half precision it can overflow: try float32 or bfloat16).",
                 queries,
@@ -289,10 +310,15 @@ class COMICompressionModel(COMIPreTrainedModel):
         return segment_contexts(input_ids, context_mask, self.config.segment_size)
 
     def _real_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str):
-        return _real_token_mask(ids, mask, ids_name, mask_name, self.get_input_embeddings().num_embeddings)
+        return real_token_mask(ids, mask, ids_name, mask_name, self.get_input_embeddings().num_embeddings)
 
     def _encode_rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int, use_cache: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows_per_pass: int,
+        use_cache: bool = False,
+        show_progress: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
         """Encoder over right-padded rows, at most `rows_per_pass` at a time.
 
@@ -312,6 +338,7 @@ class COMICompressionModel(COMIPreTrainedModel):
         # Where the encoder runs (inputs may sit elsewhere when accelerate dispatches the model).
         same_length_only = self.encoder.get_input_embeddings().weight.device.type == "cpu"
         hidden, key_values, start = None, None, 0
+        bar = tqdm(total=num_rows, desc="Encoding", unit="segment", file=sys.stderr, disable=not show_progress)
         while start < num_rows:
             end = start + 1
             while (
@@ -327,7 +354,9 @@ class COMICompressionModel(COMIPreTrainedModel):
                 use_cache=use_cache,
             )
             layers = output.cache.layers if use_cache else []
+            bar.update(end - start)
             if end - start == num_rows and length == width and bool((order[1:] > order[:-1]).all()):
+                bar.close()
                 # One pass over every row in its own order, no padding column: nothing to place.
                 return output.last_hidden_state, [(layer.keys, layer.values) for layer in layers] if use_cache else None
             if hidden is None:
@@ -338,6 +367,7 @@ class COMICompressionModel(COMIPreTrainedModel):
                 keys[rows, :, :length] = layer.keys
                 values[rows, :, :length] = layer.values
             start = end
+        bar.close()
         return hidden, key_values
 
     def _encoder_caches_whole_context(self) -> bool:
@@ -402,6 +432,18 @@ def loading_report(loading_info: dict, expected_missing=None) -> str:
     return loading_problems(missing, loading_info.get("unexpected_keys", ()), mismatched)
 
 
+def check_finite_weights(model: nn.Module, source: object) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or inf, naming the first such tensor: a
+    decoder with them answers nothing but token 0, and a damaged weights file gives them."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(
+                f"{source}: the weights `{name}` hold {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                "the weights file is damaged or came from a run that diverged"
+            )
+
+
 def _placed_like(layer, num_rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeros for every row's keys and values of a cache layer, `width` positions long."""
     keys, values = layer.keys, layer.values
@@ -411,38 +453,9 @@ def _placed_like(layer, num_rows: int, width: int) -> tuple[torch.Tensor, torch.
     )
 
 
-def _real_token_mask(
-    ids: torch.Tensor, mask: torch.Tensor | None, ids_name: str, mask_name: str, vocab_size: int
-) -> torch.Tensor:
-    """The `(batch, len)` bool mask of real tokens, with `ids` checked: a batch of token ids
-    below `vocab_size` wherever the mask is set (padding may hold any id)."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-        raise ValueError(f"`{ids_name}` must be a (batch, length) tensor of token ids, got {describe_value(ids)}.")
-    if ids.shape[0] == 0:
-        raise ValueError(f"`{ids_name}` is an empty batch.")
-    if mask is None:
-        real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    elif not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
-        raise ValueError(
-            f"`{mask_name}` must have the shape of `{ids_name}` {tuple(ids.shape)}, got {describe_value(mask)}."
-        )
-    else:
-        real = mask.to(ids.device) != 0
-    _check_vocabulary(ids[real], ids_name, vocab_size)
-    return real
-
-
-def _check_vocabulary(ids: torch.Tensor, name: str, vocab_size: int) -> None:
-    outside = (ids < 0) | (ids >= vocab_size)
-    if bool(outside.any()):
-        examples = ids[outside].unique()[:5].tolist()
-        raise ValueError(
-            f"`{name}` holds token ids outside the model's vocabulary of {vocab_size} (e.g. {examples}); "
-            "were they made with another tokenizer?"
-        )
-
-
 def _require_non_empty(mask: torch.Tensor, what: str) -> None:
     empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"Empty {what} (no real tokens) for sample(s) {empty}; COMI needs at least one {what} token.")
+        raise InvalidInputError(
+            f"Empty {what} (no real tokens) for sample(s) {empty}; COMI needs at least one {what} token.", field=what
+        )

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["convert_official_state_dict", "main"]
+from .errors_comi import InvalidInputError, ModelLoadError
+
+__all__ = ["CheckpointMismatch", "check_finite_tensors", "check_lora_scaling", "convert_official_state_dict"]
 
 _LORA = re.compile(r"^decoder\.(.+)\.(lora_A|lora_B)\.default\.weight$")
 _BASE_LAYER = re.compile(r"^decoder\.(.+)\.base_layer\.(weight|bias)$")
@@ -29,8 +30,31 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _SCALARS = ("alpha_select", "beta_select", "alpha_merge", "beta_merge")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(ModelLoadError):
     """The checkpoint is not an official COMI checkpoint for this backbone."""
+
+
+def check_lora_scaling(lora_r: int, lora_alpha: float) -> float:
+    """The LoRA scaling `alpha / r`, if `r >= 1` and the scaling is a positive float32 number."""
+    if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
+        raise InvalidInputError(f"--lora-r must be an integer >= 1, got {lora_r!r}", field="lora_r")
+    scaling = lora_alpha / lora_r if isinstance(lora_alpha, (int, float)) else math.nan
+    if not lora_alpha > 0 or not math.isfinite(scaling) or scaling > torch.finfo(torch.float32).max:
+        raise InvalidInputError(
+            f"--lora-alpha must be a number > 0 whose scaling alpha / r fits float32, got {lora_alpha!r} "
+            f"(scaling {scaling:g})",
+            field="lora_alpha",
+        )
+    return scaling
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Refuse NaN or inf in any floating-point tensor, naming the first one."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointMismatch(
+                f"{source}: `{key}` holds {int((~torch.isfinite(tensor)).sum())} NaN or infinite value(s)"
+            )
 
 
 def _depth(keys: list[str], prefix: str) -> int:
@@ -46,8 +70,7 @@ def convert_official_state_dict(
     Returns the COMI state dict, the alpha/beta scalars, the depths (`encoder_layers`,
     `num_mem_fusion_layers`) and the dropped keys with their reasons.
     """
-    if lora_r < 1 or lora_alpha <= 0:
-        raise ValueError(f"--lora-r must be >= 1 and --lora-alpha > 0, got {lora_r} and {lora_alpha}.")
+    check_lora_scaling(lora_r, lora_alpha)
     # Older checkpoints name the encoder `icae`.
     state = {
         ("encoder." + key[len("icae.") :] if key.startswith("icae.") else key): value
@@ -131,46 +154,49 @@ def _merged_lora_weights(
     return merged
 
 
-def run(args: argparse.Namespace) -> int:
-    """`comi-convert` with parsed arguments (see `comi_hf_cli.convert_parser`); returns the exit status."""
-    from .loading import UsageError, first_line
+def run(args: argparse.Namespace) -> None:
+    """`comi-convert` with parsed arguments (see `comi_hf_cli.convert_parser`); problems are `COMIError`s."""
+    from .errors_comi import UsageError
+    from .loading import first_line
 
     try:
-        return _convert(args)
-    except UsageError as error:
-        message = str(error)
-    except (ValueError, OSError, SafetensorError) as error:
-        message = first_line(error)
-    print(f"comi-convert: error: {message}", file=sys.stderr)
-    return 2
+        _convert(args)
+    except OSError as error:
+        raise UsageError(first_line(error)) from error
 
 
-def main(argv: list[str] | None = None) -> int:
-    from comi_hf_cli import comi_convert
-
-    return comi_convert(argv)
-
-
-def _convert(args: argparse.Namespace) -> int:
+def _convert(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from .compressor_comi import loading_problems
     from .configuration_comi import COMIConfig
+    from .errors_comi import UsageError
+    from .loading import check_model_source, first_line
     from .modeling_comi import COMIForConditionalGeneration
 
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise OSError(f"no such checkpoint: {path}")
+        raise UsageError(f"no such checkpoint: {path}")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors checkpoints are read (pickled files can run code).")
+        raise UsageError(f"{path}: only safetensors checkpoints are read (pickled files can run code).")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
+    check_lora_scaling(args.lora_r, args.lora_alpha)
+    backbone_source = check_model_source(args.backbone, "backbone")
     try:
         official = load_file(path)
     except SafetensorError as error:
         raise CheckpointMismatch(f"cannot read {path} (truncated, or not a safetensors file): {error}") from None
+    check_finite_tensors(official, path)
     state, scalars, depths, dropped = convert_official_state_dict(official, args.lora_r, args.lora_alpha)
-    backbone = AutoConfig.from_pretrained(args.backbone)
+    check_finite_tensors(state, "the merged weights")
+    try:
+        backbone = AutoConfig.from_pretrained(backbone_source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the backbone's config from {args.backbone}: {first_line(error)}") from None
     for depth, what in (("encoder_layers", "encoder"), ("num_mem_fusion_layers", "LSA block")):
         if depths[depth] > backbone.num_hidden_layers:
             raise CheckpointMismatch(
@@ -205,17 +231,15 @@ def _convert(args: argparse.Namespace) -> int:
     if problems:
         raise CheckpointMismatch(f"the checkpoint does not match {args.backbone}: {problems}")
     model.load_state_dict(state, strict=True)
-    output_dir = Path(args.output_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone_source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {args.backbone}: {first_line(error)}") from None
     model.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(args.backbone).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
     print(
         f"converted {path} -> {output_dir}: encoder {depths['encoder_layers']} layers, "
         f"LSA {depths['num_mem_fusion_layers']} layers, LoRA merged with scaling {args.lora_alpha / args.lora_r:g}"
     )
     for key, reason in dropped:
         print(f"  dropped {key}: {reason}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

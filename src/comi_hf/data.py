@@ -13,13 +13,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .packing import pad_token_lists
+from .errors_comi import MalformedDataError
+from .processing_comi import pad_token_lists
 
 __all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context", "word_level_tokenizer"]
-
-
-class MalformedDataError(ValueError):
-    """A JSONL line that does not follow the COMI format."""
 
 
 def _rows(path: Path):

@@ -9,14 +9,23 @@ plain causal LM gets for free: the repetition penalty must be applied here (see
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.utils import logging as hf_logging
 
+from .errors_comi import InvalidInputError, ModelLoadError, NonFiniteError
+
 __all__ = [
+    "FiniteLogitsCheck",
+    "check_generation_values",
     "check_servable",
     "official_generation_config",
     "resolve_generation_settings",
@@ -48,6 +57,59 @@ def official_generation_config(config) -> GenerationConfig:
     )
 
 
+# Integer settings and their least values; number settings as (least, whether the least is
+# allowed, most or `None`).
+_INTEGERS = {"max_new_tokens": 1, "min_new_tokens": 0, "num_return_sequences": 1, "num_beams": 1, "top_k": 0}
+_NUMBERS = {
+    "temperature": (0.0, True, None),
+    "top_p": (0.0, False, 1.0),
+    "min_p": (0.0, True, 1.0),
+    "repetition_penalty": (0.0, False, None),
+}
+
+
+def check_generation_values(config: GenerationConfig) -> None:
+    """Refuse generation settings of the wrong type or out of range, naming the setting: what
+    `generate`'s samplers refuse one by one (a temperature of 0 with sampling, a top_p of 2), and
+    what they would take silently (2.5 new tokens, a NaN temperature)."""
+    for name, least in _INTEGERS.items():
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise InvalidInputError(f"`{name}` must be an integer >= {least}, got {value!r}.", field=name)
+    for name, (least, inclusive, most) in _NUMBERS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInputError(f"`{name}` must be a finite number, got {value!r}.", field=name)
+        if value < least or (value == least and not inclusive) or (most is not None and value > most):
+            bounds = f"{'>=' if inclusive else '>'} {least:g}" + (f" and <= {most:g}" if most is not None else "")
+            raise InvalidInputError(f"`{name}` must be {bounds}, got {value!r}.", field=name)
+    if config.do_sample and config.temperature == 0:
+        raise InvalidInputError(
+            "`temperature` 0 means greedy decoding: ask with do_sample=False (or a temperature > 0).",
+            field="temperature",
+        )
+
+
+class FiniteLogitsCheck(LogitsProcessor):
+    """Stop generation with a [`NonFiniteError`] when the decoder's scores hold NaN or +inf, or a
+    row has no finite score: greedy search would otherwise pick token 0 at every step and the
+    answer would be empty (a decoder with damaged weights, or one that overflows in float16)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        broken = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        if bool(broken.any()):
+            rows = broken.nonzero().flatten().tolist()
+            raise NonFiniteError(
+                f"The decoder's scores are NaN or infinite for sequence(s) {rows} at new token "
+                f"{input_ids.shape[1]} ({scores.dtype}): its weights or its inputs are broken, or it overflows "
+                "in half precision (try float32 or bfloat16).",
+                rows,
+            )
+        return scores
+
+
 def resolve_generation_settings(
     model_settings: GenerationConfig,
     generation_config: GenerationConfig | None,
@@ -63,6 +125,7 @@ def resolve_generation_settings(
     generation_config = copy.deepcopy(generation_config if generation_config is not None else model_settings)
     generation_config.update(**model_settings.to_dict(), defaults_only=True, allow_custom_entries=True)
     generate_kwargs = generation_config.update(**kwargs)
+    check_generation_values(generation_config)
     new_tokens = generation_config.max_new_tokens
     if new_tokens is None:
         new_tokens = max(generation_config.max_length - prompt_len, 0)
@@ -75,6 +138,7 @@ def resolve_generation_settings(
     generation_config.repetition_penalty = 1.0
     if penalty is not None and penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+    processors.append(FiniteLogitsCheck())
     return generation_config, processors, generate_kwargs, new_tokens
 
 
@@ -99,10 +163,10 @@ def check_servable(decoder: nn.Module) -> None:
     head dim its CPU backend refuses."""
     lora = [name for name, _ in decoder.named_parameters() if "lora_" in name]
     if lora:
-        raise ValueError(f"The decoder still holds LoRA adapters ({lora[0]}, ...): merge them first.")
+        raise ModelLoadError(f"The decoder still holds LoRA adapters ({lora[0]}, ...): merge them first.")
     dtype = decoder.get_input_embeddings().weight.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"vLLM serves float32, float16 or bfloat16 weights, not {dtype}: convert the model first.")
+        raise ModelLoadError(f"vLLM serves float32, float16 or bfloat16 weights, not {dtype}: convert the model first.")
     text_config = decoder.config
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     if head_dim < 32:

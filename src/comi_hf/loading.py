@@ -17,17 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors_comi import ModelLoadError, UsageError
+
 if TYPE_CHECKING:
     from transformers import HfArgumentParser
 
-__all__ = ["UsageError", "check_device", "first_line", "load_comi", "parse_script_arguments", "read_text"]
+__all__ = ["check_device", "check_model_source", "first_line", "load_comi", "parse_script_arguments", "read_text"]
 
 # A Hub repository id: `name` or `namespace/name` (huggingface_hub's rule, without its length checks).
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-class UsageError(Exception):
-    """A problem with the user's input, reported in one line."""
 
 
 def parse_script_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
@@ -40,9 +38,13 @@ def parse_script_arguments(parser: HfArgumentParser, argv: list[str] | None = No
     return tuple(parsed)
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def first_line(error: BaseException, limit: int = 400) -> str:
+    """An error's message as one line: its lines joined, at most `limit` characters (torch's and the
+    Hub's messages can run to pages)."""
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    if not text:
+        return type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_text(path: str, what: str) -> str:
@@ -54,6 +56,8 @@ def read_text(path: str, what: str) -> str:
             data = sys.stdin.buffer.read()
             path = "stdin"
         else:
+            if Path(path).is_dir():
+                raise UsageError(f"the {what} {path} is a directory, not a file")
             if not Path(path).is_file():
                 raise UsageError(f"no such {what}: {path}")
             data = Path(path).read_bytes()
@@ -66,34 +70,60 @@ def read_text(path: str, what: str) -> str:
 
 
 def check_device(name: str) -> torch.device:
-    """The device called `name`, if this machine has it."""
+    """The device called `name`, if this machine has it and it can hold a model's weights."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as error:
         raise UsageError(f"unknown device {name!r}") from error
+    if device.type == "meta":
+        raise UsageError("device 'meta' holds no data: give a device that computes (cpu, cuda, ...)")
     try:
         torch.empty(0, device=device)
-    except (AssertionError, RuntimeError) as error:  # torch asserts when built without CUDA
-        raise UsageError(f"device {name!r} is not available here: {first_line(error)}") from error
+    except (AssertionError, RuntimeError, NotImplementedError) as error:  # torch asserts when built without CUDA
+        reason = first_line(error).split(". ")[0][:160]
+        raise UsageError(f"device {name!r} is not available here ({reason})") from error
     return device
 
 
-def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "auto", **kwargs):
-    """A COMI model and its tokenizer from a directory or a Hub id, or a [`UsageError`].
+def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
+    """`name` as a model source: an existing directory holding a config.json, or a Hub id.
 
-    Weights are read from safetensors only (pickled files can run code). A Hub id is first looked
-    up in the local cache when the Hub cannot be reached, instead of retrying for a minute.
+    A name that can only be a path (absolute, `./`, `~`, or more than one `/`) and is not a
+    directory is "no such directory" (not the Hub's rules for repository names); a directory
+    without config.json is not a model.
+    """
+    name = str(name)
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name} has no config.json: it is not a {what} directory")
+        return name
+    if path.exists():
+        raise UsageError(f"the {what} {name} is a file; give its directory")
+    if not _REPO_ID.match(name) or name.startswith((".", "~")):
+        raise UsageError(f"no such {what} directory: {name}")
+    return name
+
+
+def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "auto", model_class=None, **kwargs):
+    """A COMI model and its tokenizer from a directory or a Hub id.
+
+    `model_class` is `COMIForConditionalGeneration` by default (`COMIPromptEncoder` for a server
+    whose decoder runs elsewhere). Weights are read from safetensors only (pickled files can run
+    code). A Hub id is first looked up in the local cache when the Hub cannot be reached, instead
+    of retrying for a minute. Raises a [`UsageError`] for a source that does not exist and a
+    [`ModelLoadError`] for one that is not a loadable COMI model with its tokenizer, in one line.
     """
     from transformers import AutoTokenizer, PreTrainedConfig
 
     from .configuration_comi import COMIConfig
-    from .modeling_comi import COMIForConditionalGeneration
 
-    name = str(name_or_path)
+    if model_class is None:
+        from .modeling_comi import COMIForConditionalGeneration as model_class
+
+    name = check_model_source(name_or_path)
     hub_options = {}
     if not Path(name).is_dir():
-        if not _REPO_ID.match(name) or name.startswith((".", "~")):
-            raise UsageError(f"no such model directory: {name}")
         if _offline() or not _hub_reachable():
             hub_options["local_files_only"] = True
     hub_logger = logging.getLogger("huggingface_hub")
@@ -108,20 +138,26 @@ def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "au
                     f"{name} is not a local directory, and is not in the local Hub cache "
                     f"({'HF_HUB_OFFLINE is set' if _offline() else 'the Hub cannot be reached'})"
                 ) from error
-            raise UsageError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+            raise ModelLoadError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
         model_type = config.get("model_type")
         if model_type != COMIConfig.model_type:
-            raise UsageError(
+            raise ModelLoadError(
                 f"{name} is {'a ' + model_type if model_type else 'not a'} model, not a COMI model "
                 "(build one from a backbone with COMIForConditionalGeneration.from_backbone)"
             )
         try:
-            model = COMIForConditionalGeneration.from_pretrained(
-                name, dtype=dtype, use_safetensors=True, **hub_options, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(name, **hub_options)
+            model = model_class.from_pretrained(name, dtype=dtype, use_safetensors=True, **hub_options, **kwargs)
+        except ModelLoadError:
+            raise
         except Exception as error:  # whatever the files are (truncated, pickled, mismatched): one line
-            raise UsageError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+            raise ModelLoadError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, **hub_options)
+        except Exception as error:
+            raise ModelLoadError(
+                f"cannot load the tokenizer of {name} ({first_line(error)[:120]}): a COMI directory holds its "
+                "tokenizer's files (tokenizer.json, tokenizer_config.json) beside the weights"
+            ) from error
     finally:
         hub_logger.setLevel(level)
     return model, tokenizer

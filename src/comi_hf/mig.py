@@ -27,19 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIGDetails", "NonFiniteInputError", "check_merge_size", "describe_value", "mig_compress"]
+from .errors_comi import InvalidInputError, NonFiniteError, describe_value
+from .processing_comi import check_merge_size
 
-
-class NonFiniteInputError(ValueError):
-    """NaN or inf in the hidden states (at real tokens) or the query vectors of some rows.
-
-    Attributes:
-        rows: the indices of those rows, in order.
-    """
-
-    def __init__(self, message: str, rows: list[int]):
-        super().__init__(message)
-        self.rows = rows
+__all__ = ["MIGDetails", "mig_compress"]
 
 
 @dataclass
@@ -233,22 +224,24 @@ def _check_inputs(
     attention_mask: torch.Tensor | None,
 ) -> None:
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
-        raise ValueError(f"`hidden_states` must be a (batch, n, hidden) tensor, got {describe_value(hidden_states)}.")
+        raise InvalidInputError(
+            f"`hidden_states` must be a (batch, n, hidden) tensor, got {describe_value(hidden_states)}."
+        )
     if not hidden_states.is_floating_point():
-        raise TypeError(f"`hidden_states` must be a floating-point tensor, got {hidden_states.dtype}.")
+        raise InvalidInputError(f"`hidden_states` must be a floating-point tensor, got {hidden_states.dtype}.")
     batch_size, seq_len, hidden_size = hidden_states.shape
     if not isinstance(query, torch.Tensor) or query.shape != (batch_size, hidden_size):
-        raise ValueError(
+        raise InvalidInputError(
             f"`query` must be a ({batch_size}, {hidden_size}) tensor to match `hidden_states`, "
             f"got {describe_value(query)}."
         )
     if not query.is_floating_point():
-        raise TypeError(f"`query` must be a floating-point tensor, got {query.dtype}.")
+        raise InvalidInputError(f"`query` must be a floating-point tensor, got {query.dtype}.")
     check_merge_size(merge_size)
     if attention_mask is not None and (
         not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch_size, seq_len)
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"`attention_mask` must be a ({batch_size}, {seq_len}) tensor to match `hidden_states`, "
             f"got {describe_value(attention_mask)}."
         )
@@ -256,33 +249,17 @@ def _check_inputs(
 
 def _non_finite_error(
     hidden_states: torch.Tensor, query: torch.Tensor, token_row: torch.Tensor, relevance: torch.Tensor
-) -> NonFiniteInputError:
+) -> NonFiniteError:
     rows = token_row[~torch.isfinite(relevance)].unique().tolist()
     bad_query = (~torch.isfinite(query).all(dim=-1)).nonzero().flatten().tolist()
     where = [f"`query` in row(s) {[row for row in rows if row in bad_query]}"] if set(rows) & set(bad_query) else []
     if set(rows) - set(bad_query):
         where.append(f"`hidden_states` at real tokens of row(s) {[row for row in rows if row not in bad_query]}")
-    return NonFiniteInputError(
+    return NonFiniteError(
         f"NaN or inf in {' and '.join(where)} ({hidden_states.dtype}); a half-precision encoder that overflows "
         "gives such states.",
         rows,
     )
-
-
-def describe_value(value: object) -> str:
-    """What a wrong argument was, for an error message: `a torch.float32 tensor of shape (2, 3)`."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {', '.join(describe_value(item) for item in value)}"
-    return f"a {type(value).__name__}"
-
-
-def check_merge_size(merge_size: object) -> int:
-    """`merge_size` if it is an integer >= 1 (the tokens per memory vector); a `ValueError` otherwise."""
-    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size < 1:
-        raise ValueError(f"`merge_size` must be an integer >= 1, got {merge_size!r}.")
-    return merge_size
 
 
 def _token_chunks(num_tokens: int, hidden_size: int, work_elements: int):

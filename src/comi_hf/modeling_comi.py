@@ -28,14 +28,9 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
 
 from .backbone_comi import copy_backbone_into_encoder_and_lsa, load_backbone
-from .compressor_comi import (
-    MIG_OPTIONS,
-    COMICompressionModel,
-    COMIPreTrainedModel,
-    _check_vocabulary,
-    loading_problems,
-)
+from .compressor_comi import MIG_OPTIONS, COMICompressionModel, COMIPreTrainedModel, loading_problems
 from .configuration_comi import COMIConfig
+from .errors_comi import InvalidInputError, describe_value
 from .generation_comi import (
     check_servable,
     official_generation_config,
@@ -43,9 +38,8 @@ from .generation_comi import (
     serving_generation_config,
     warn_past_positions,
 )
-from .mig import describe_value
 from .packing import COMICompressionDetails, COMIContextEncoding, decoder_inputs
-from .pipeline_comi import custom_pipelines_entry, encode_texts
+from .processing_comi import check_vocabulary, pad_token_lists, token_ids_of
 
 __all__ = [
     "MIG_OPTIONS",
@@ -275,8 +269,10 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
         """
         if context is not None or query is not None:
             if input_ids is not None or query_ids is not None:
-                raise ValueError("Pass either text (`context=`, `query=`) or token ids, not both.")
-            input_ids, attention_mask, query_ids, query_attention_mask = _tokenize_text(context, query, tokenizer)
+                raise InvalidInputError("Pass either text (`context=`, `query=`) or token ids, not both.")
+            input_ids, attention_mask, query_ids, query_attention_mask = _tokenize_text(
+                context, query, tokenizer, self.get_input_embeddings().num_embeddings
+            )
         memory, memory_mask, query_mask = _memory_and_query(
             self,
             input_ids,
@@ -336,6 +332,9 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map.setdefault("AutoModel", f"{module}.{type(self).__name__}")
         self.config.auto_map = auto_map
+        # Imported here: the pipeline sits above the model (and is saved beside it as remote code).
+        from .pipeline_comi import custom_pipelines_entry
+
         self.config.custom_pipelines = custom_pipelines_entry()
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -438,7 +437,7 @@ def _memory_and_query(
     compression that `forward`, `generate` and `prompt_embeds` share."""
     has_context = input_ids is not None or context_encoding is not None
     if query_ids is None or (memory is None and not has_context):
-        raise ValueError(
+        raise InvalidInputError(
             "COMI needs a context (`input_ids`, `context_encoding` or `memory`) and a query (`query_ids`)."
         )
     if memory is None:
@@ -453,7 +452,7 @@ def _memory_and_query(
             mig_options=mig_options,
         )
     elif has_context or merge_size is not None or mig_options is not None:
-        raise ValueError(
+        raise InvalidInputError(
             "Give the contexts as `input_ids` or `context_encoding` (and `merge_size`, `mig_options`) or as compressed "
             "`memory`, not both."
         )
@@ -470,11 +469,11 @@ def _check_labels(labels: object, num_queries: int, vocab_size: int) -> None:
         or labels.dtype not in (torch.long, torch.int)
         or labels.shape[0] != num_queries
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"`labels` must be a ({num_queries}, answer_len) tensor of token ids (-100 on padding), "
             f"got {describe_value(labels)}."
         )
-    _check_vocabulary(labels[labels != -100], "labels", vocab_size)
+    check_vocabulary(labels[labels != -100], "labels", vocab_size)
 
 
 def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,7 +486,7 @@ def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch
         or vectors.shape[0] != num_queries
         or mask.shape != vectors.shape[:2]
     ):
-        raise ValueError(
+        raise InvalidInputError(
             f"`memory` must be the `(memory, memory_attention_mask)` pair `compress` gives, "
             f"`({num_queries}, memory_len, hidden)` and `({num_queries}, memory_len)` for {num_queries} queries; "
             f"got {describe_value(memory)}."
@@ -495,10 +494,11 @@ def _check_memory(memory: object, num_queries: int) -> tuple[torch.Tensor, torch
     return vectors, mask.bool()
 
 
-def _tokenize_text(context, query, tokenizer):
-    """Token ids and masks of context and query texts (either may be `None`: then `None`s)."""
+def _tokenize_text(context, query, tokenizer, vocab_size: int):
+    """Token ids and masks of context and query texts (either may be `None`: then `None`s), checked
+    at the one input edge (`processing_comi.token_ids_of`)."""
     if tokenizer is None:
-        raise ValueError("Text input (`context=`, `query=`) needs `tokenizer=`.")
+        raise InvalidInputError("Text input (`context=`, `query=`) needs `tokenizer=`.", field="tokenizer")
     encoded = []
     for name, text in (("context", context), ("query", query)):
         if text is None:
@@ -506,11 +506,12 @@ def _tokenize_text(context, query, tokenizer):
             continue
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(item, str) for item in texts):
-            raise TypeError(f"`{name}` must be a string or a non-empty list of strings, got {text!r:.80}.")
-        empty = [i for i, item in enumerate(texts) if not item.strip()]
-        if empty:
-            raise ValueError(f"Empty {name} text at position(s) {empty}.")
-        encoded.append(encode_texts(tokenizer, texts))
+            raise InvalidInputError(
+                f"`{name}` must be a string or a non-empty list of strings, got {describe_value(text)}.", field=name
+            )
+        fields = [name] if isinstance(text, str) else [f"{name}[{position}]" for position in range(len(texts))]
+        ids = [token_ids_of(item, field, tokenizer, vocab_size) for item, field in zip(texts, fields, strict=True)]
+        encoded.append(pad_token_lists(ids))
     (context_ids, context_mask), (query_ids, query_mask) = encoded
     return context_ids, context_mask, query_ids, query_mask
 

@@ -23,7 +23,6 @@ __all__ = [
     "details_per_query",
     "left_justify",
     "pack",
-    "pad_token_lists",
     "resolve_context_index",
     "rows_for_queries",
     "rows_to_samples",
@@ -122,18 +121,6 @@ class COMICompressionDetails:
     token_weight: torch.Tensor
     context_lengths: torch.Tensor
     memory_lengths: torch.Tensor
-
-
-def pad_token_lists(sequences: list[list[int]], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ids as a `(len(sequences), longest)` long tensor right-padded with `value`, and the
-    `(len(sequences), longest)` mask of real entries (1) and padding (0)."""
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids, mask
 
 
 def left_justify(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

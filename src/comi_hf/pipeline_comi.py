@@ -15,17 +15,17 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .mig import check_merge_size
-from .packing import pad_token_lists
+from .errors_comi import InvalidInputError
+from .processing_comi import (
+    answer_records,
+    check_merge_size,
+    decode_answers,
+    gather_inputs,
+    pad_token_lists,
+    prepare_inputs,
+)
 
-__all__ = [
-    "PIPELINE_TASK",
-    "COMIQuestionAnsweringPipeline",
-    "answer_records",
-    "custom_pipelines_entry",
-    "decode_answers",
-    "encode_texts",
-]
+__all__ = ["DEFAULT_MODEL", "PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry"]
 
 PIPELINE_TASK = "comi-qa"
 
@@ -40,9 +40,13 @@ class COMIQuestionAnsweringPipeline(Pipeline):
       once and only the queries, the compression and the decoding run per question.
     * `pipe([{"context": ..., "question": ...}, ...], batch_size=8)` -> a list of results, in order.
 
+    Contexts and questions are texts or lists of token ids, checked as everywhere in comi_hf
+    (`processing_comi.prepare_inputs`); a problem is an `InvalidInputError` naming the field.
+
     Options: `merge_size` (the compression ratio for this call), `return_compression=True`
-    (per memory vector, the span of context tokens it fused and their weights), and any
-    generation argument (`max_new_tokens`, `do_sample`, `num_beams`, ...).
+    (per memory vector, the span of context tokens it fused and their weights),
+    `show_progress=True` (a bar while a long context's segments are encoded, with `questions`),
+    and any generation argument (`max_new_tokens`, `do_sample`, `num_beams`, ...).
 
     With `num_return_sequences=k > 1`, every answer comes as k, best first, in the shape of
     transformers' text-generation pipeline: a question gives a list of k result dicts, and
@@ -57,10 +61,10 @@ class COMIQuestionAnsweringPipeline(Pipeline):
     def __call__(self, inputs: Any = None, *, context=None, question=None, questions=None, **kwargs):
         inputs = gather_inputs(inputs, context, question, questions)
         if isinstance(inputs, (list, tuple)) and not inputs:
-            raise ValueError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
+            raise InvalidInputError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
         if isinstance(inputs, (list, tuple)) and (kwargs.get("batch_size") or self._batch_size or 1) > 1:
             if any(isinstance(item, dict) and "questions" in item for item in inputs):
-                raise ValueError(
+                raise InvalidInputError(
                     "Items with several `questions` already run as one batch; call them one at a time "
                     "(or give one `question` per item to batch them)."
                 )
@@ -87,10 +91,13 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         self,
         merge_size: int | None = None,
         return_compression: bool | None = None,
+        show_progress: bool | None = None,
         generate_kwargs: dict | None = None,
         **kwargs,
     ):
         forward_params: dict[str, Any] = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
+        if show_progress is not None:
+            forward_params["show_progress"] = bool(show_progress)
         postprocess_params: dict[str, Any] = {}
         if merge_size is not None:
             forward_params["merge_size"] = check_merge_size(merge_size)
@@ -100,35 +107,16 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         return {}, forward_params, postprocess_params
 
     def preprocess(self, inputs: dict) -> dict:
-        if not isinstance(inputs, dict):
-            raise TypeError(f"Each input must be a dict with `context` and `question`, got {type(inputs).__name__}.")
-        context = inputs.get("context")
-        if not isinstance(context, str):
-            raise TypeError(f"`context` must be a string, got {type(context).__name__}.")
-        if not context.strip():
-            raise ValueError("The context is empty.")
-        has_one, has_many = "question" in inputs, "questions" in inputs
-        if has_one == has_many:
-            raise ValueError("Give exactly one of `question` (a string) and `questions` (a list of strings).")
-        questions = [inputs["question"]] if has_one else inputs["questions"]
-        if not isinstance(questions, (list, tuple)) or not questions:
-            raise TypeError("`questions` must be a non-empty list of strings.")
-        for position, text in enumerate(questions):
-            if not isinstance(text, str):
-                raise TypeError(f"Question {position} must be a string, got {type(text).__name__}.")
-            if not text.strip():
-                raise ValueError(f"Question {position} is empty.")
-        input_ids, attention_mask = encode_texts(self.tokenizer, [context])
-        if input_ids.shape[1] == 0:
-            raise ValueError("The context has no tokens.")
-        query_ids, query_attention_mask = encode_texts(self.tokenizer, questions)
+        (prepared,) = prepare_inputs(inputs, self.tokenizer, self.model.get_input_embeddings().num_embeddings)
+        input_ids, attention_mask = pad_token_lists([prepared.context_ids])
+        query_ids, query_attention_mask = pad_token_lists(prepared.question_ids)
         model_inputs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "query_ids": query_ids,
             "query_attention_mask": query_attention_mask,
         }
-        if has_many:
+        if prepared.several:
             model_inputs["several_questions"] = True
         return model_inputs
 
@@ -137,6 +125,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         model_inputs: dict,
         merge_size: int | None = None,
         return_compression: bool = False,
+        show_progress: bool = False,
         generate_kwargs: dict | None = None,
     ) -> dict:
         several = model_inputs.pop("several_questions", False)
@@ -144,7 +133,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         query_ids, query_mask = model_inputs["query_ids"], model_inputs["query_attention_mask"]
         if several:
             # One context, many questions: its encoder pass is shared by all of them.
-            contexts = {"context_encoding": self.model.encode_context(input_ids, attention_mask)}
+            contexts = {"context_encoding": self.model.encode_context(input_ids, attention_mask, show_progress)}
         else:
             contexts = {"input_ids": input_ids, "attention_mask": attention_mask}
         memory, memory_mask, *details = self.model.compress(
@@ -202,66 +191,6 @@ class COMIQuestionAnsweringPipeline(Pipeline):
         return answer_records(answers, context_tokens, memory_tokens, several, compressions)
 
 
-def gather_inputs(inputs, context=None, question=None, questions=None):
-    """The inputs of a `comi-qa` call: given positionally (a dict or a list of dicts), or as
-    `context=` with `question=` or `questions=` (then one dict)."""
-    if inputs is None:
-        if context is None:
-            raise ValueError("Give a `context` and a `question` (or `questions`), or a list of such dicts.")
-        inputs = {"context": context}
-        if question is not None:
-            inputs["question"] = question
-        if questions is not None:
-            inputs["questions"] = questions
-    elif context is not None or question is not None or questions is not None:
-        raise ValueError("Give the inputs either positionally or as `context=`/`question=`, not both.")
-    return inputs
-
-
-def decode_answers(tokenizer, sequences) -> list[str]:
-    """Answer texts of generated token ids (special tokens dropped, surrounding spaces stripped)."""
-    return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
-
-
-def answer_records(
-    answers: list[list[str]],
-    context_tokens: int,
-    memory_tokens: list[int],
-    several: bool,
-    compressions: list[dict] | None = None,
-) -> dict | list[dict]:
-    """The `comi-qa` result for the questions about one context (the serving client's too).
-
-    `answers` holds each question's sequences (one, or `num_return_sequences`). One question:
-    `{"answer", "context_tokens", "memory_tokens", "compression_ratio"}`, or a list of such dicts
-    for several sequences; `several` questions: one dict whose `answers`, `memory_tokens` and
-    `compression_ratio` are lists in question order.
-    """
-    ratios = [context_tokens / count for count in memory_tokens]
-    if several:
-        result = {
-            "answers": [sequences[0] if len(sequences) == 1 else sequences for sequences in answers],
-            "context_tokens": context_tokens,
-            "memory_tokens": memory_tokens,
-            "compression_ratio": ratios,
-        }
-        if compressions is not None:
-            result["compressions"] = compressions
-        return result
-    results = []
-    for answer in answers[0]:
-        result = {
-            "answer": answer,
-            "context_tokens": context_tokens,
-            "memory_tokens": memory_tokens[0],
-            "compression_ratio": ratios[0],
-        }
-        if compressions is not None:
-            result["compression"] = compressions[0]
-        results.append(result)
-    return results[0] if len(results) == 1 else results
-
-
 def _pad_right(items: list[dict]) -> dict:
     """Batch preprocessed inputs: each `(1, len)` tensor right-padded with 0 to the longest."""
     batch = {}
@@ -269,13 +198,6 @@ def _pad_right(items: list[dict]) -> dict:
         width = max(item[key].shape[1] for item in items)
         batch[key] = torch.cat([torch.nn.functional.pad(item[key], (0, width - item[key].shape[1])) for item in items])
     return batch
-
-
-def encode_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids `(len(texts), longest)` and attention mask, without special tokens (as the
-    official code does), right-padded with id 0: COMI masks padding everywhere, so this works for
-    tokenizers that have no pad token (Llama, Mistral)."""
-    return pad_token_lists(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
 
 
 def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:

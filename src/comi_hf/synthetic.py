@@ -19,13 +19,13 @@ tokenizer built from `vocabulary()`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-__all__ = ["SPLIT_SEEDS", "FactSpan", "SyntheticDocument", "make_document", "make_split", "vocabulary", "main"]
+__all__ = ["SPLIT_SEEDS", "FactSpan", "SyntheticDocument", "make_document", "make_split", "vocabulary"]
 
 ADJECTIVES = ("red", "blue", "green", "old", "new", "dark", "white", "north", "south", "east", "west", "long")
 NOUNS = ("river", "lake", "hill", "mill", "bridge", "stone", "forest", "tower", "field", "gate", "road", "well")
@@ -143,33 +143,28 @@ def make_split(split: str, num_docs: int, words: int = 256, repeats: int = 3) ->
     return [make_document(SPLIT_SEEDS[split] + index, words, repeats) for index in range(num_docs)]
 
 
-def run(args: argparse.Namespace) -> int:
-    """`comi-synth` with parsed arguments (see `comi_hf_cli.synth_parser`); returns the exit status."""
-    documents = make_split(args.split, args.num_docs, args.words, args.repeats)
-    lines = "".join(json.dumps(document.record()) + "\n" for document in documents)
+def run(args: argparse.Namespace) -> None:
+    """`comi-synth` with parsed arguments (see `comi_hf_cli.synth_parser`); problems are `COMIError`s.
+
+    Documents are written as they are made, one line each, so memory stays that of one document.
+    """
+    from .errors_comi import UsageError
+
+    if args.split not in SPLIT_SEEDS:
+        raise UsageError(f"--split must be one of {sorted(SPLIT_SEEDS)}, got {args.split!r}")
+    pick_any = 0.0
     try:
-        if args.output == "-":
-            sys.stdout.write(lines)
-            sys.stdout.flush()
-        else:
-            Path(args.output).write_text(lines, encoding="utf-8")
+        with contextlib.ExitStack() as stack:
+            out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            for index in range(args.num_docs):
+                document = make_document(SPLIT_SEEDS[args.split] + index, args.words, args.repeats)
+                out.write(json.dumps(document.record()) + "\n")
+                pick_any += 1 / document.codes_in_document
+            out.flush()
     except OSError as error:
-        print(f"comi-synth: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
-        return 2
-    pick_any = sum(1 / document.codes_in_document for document in documents) / len(documents)
+        raise UsageError(f"cannot write {args.output}: {error.strerror or error}") from error
     print(
-        f"{len(documents)} {args.split} documents of ~{args.words} words; exact-match chance level 1/10000 = "
-        f"{1e-4:.4f}; picking any code of the document: {pick_any:.4f}",
+        f"{args.num_docs} {args.split} documents of ~{args.words} words; exact-match chance level 1/10000 = "
+        f"{1e-4:.4f}; picking any code of the document: {pick_any / args.num_docs:.4f}",
         file=sys.stderr,
     )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from comi_hf_cli import comi_synth
-
-    return comi_synth(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

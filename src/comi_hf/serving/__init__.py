@@ -11,19 +11,15 @@ See docs/serving.md.
 """
 
 from .cache import EncodedContextCache
-from .client import COMIServingClient, ContextTooLong, Question
-from .decoder import Completion, DecoderError, DecoderUnavailable, VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
-from .sampling import UnsupportedSetting, VLLMSampling, vllm_sampling
+from .client import COMIServingClient, Question
+from .decoder import Completion, VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
+from .sampling import VLLMSampling, vllm_sampling
 
 __all__ = [
     "COMIServingClient",
     "Completion",
-    "ContextTooLong",
-    "DecoderError",
-    "DecoderUnavailable",
     "EncodedContextCache",
     "Question",
-    "UnsupportedSetting",
     "VLLMEngineDecoder",
     "VLLMReplicas",
     "VLLMSampling",

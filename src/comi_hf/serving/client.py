@@ -20,19 +20,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mig import check_merge_size
+from ..errors_comi import InvalidInputError
 from ..modeling_comi import COMIPromptEncoder
-from ..packing import pad_token_lists
-from ..pipeline_comi import answer_records, decode_answers, gather_inputs
+from ..processing_comi import (
+    answer_records,
+    check_decoder_positions,
+    check_merge_size,
+    decode_answers,
+    gather_inputs,
+    pad_token_lists,
+    prepare_inputs,
+)
 from .cache import EncodedContextCache
 from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
 from .sampling import vllm_sampling
 
-__all__ = ["COMIServingClient", "ContextTooLong", "Question"]
-
-
-class ContextTooLong(ValueError):
-    """A context longer than the client's `max_context_tokens`."""
+__all__ = ["COMIServingClient", "Question"]
 
 
 @dataclass
@@ -89,63 +92,43 @@ class COMIServingClient:
         """The compressor of a saved COMI model (its decoder's layers are not loaded) and a decoder:
         the vLLM server at `vllm_url` (serving the model's exported decoder; a list of URLs for
         replicas, each prompt to the least busy), or `llm`, a `vllm.LLM`."""
-        from transformers import AutoTokenizer
+        from ..loading import load_comi
 
         if (vllm_url is None) == (llm is None):
-            raise ValueError("Give the decoder as `vllm_url` (a vLLM server) or as `llm` (a vllm.LLM), one of them.")
+            raise InvalidInputError(
+                "Give the decoder as `vllm_url` (a vLLM server) or as `llm` (a vllm.LLM), one of them.",
+                field="vllm_url",
+            )
         if llm is not None:
             decoder = VLLMEngineDecoder(llm)
         elif isinstance(vllm_url, str):
             decoder = VLLMServerDecoder(vllm_url, vllm_model, api_key)
         else:
             decoder = VLLMReplicas([VLLMServerDecoder(url, vllm_model, api_key) for url in vllm_url])
-        prompt_encoder = COMIPromptEncoder.from_pretrained(model, dtype=dtype).to(device)
-        return cls(prompt_encoder, AutoTokenizer.from_pretrained(model), decoder, **kwargs)
+        prompt_encoder, tokenizer = load_comi(model, dtype=dtype, model_class=COMIPromptEncoder)
+        return cls(prompt_encoder.to(device), tokenizer, decoder, **kwargs)
 
     # ------------------------------------------------------------------ compression
-    def questions(self, inputs) -> tuple[list[Question], list[tuple[int, int, bool]]]:
-        """The questions of `answer`'s inputs, and per input (first question, count, several?)."""
-        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        if not items:
-            raise ValueError("Got an empty list of inputs; give at least one {'context': ..., 'question': ...}.")
-        questions, spans = [], []
-        for position, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise TypeError(
-                    f"Input {position} must be a dict with `context` and `question`, got {type(item).__name__}."
-                )
-            if ("question" in item) == ("questions" in item):
-                raise ValueError(f"Input {position}: give exactly one of `question` and `questions`.")
-            context_ids = self.token_ids(item.get("context"), f"input {position}: `context`")
-            asked = [item["question"]] if "question" in item else item["questions"]
-            if not isinstance(asked, (list, tuple)) or not asked:
-                raise ValueError(f"Input {position}: `questions` must be a non-empty list.")
-            spans.append((len(questions), len(asked), "questions" in item))
-            for number, question in enumerate(asked):
-                query_ids = self.token_ids(question, f"input {position}: question {number}")
-                questions.append(Question(context_ids, query_ids))
-        return questions, spans
+    def questions(
+        self, inputs, merge_size: int | None = None, max_new_tokens: int = 0
+    ) -> tuple[list[Question], list[tuple[int, int, bool]]]:
+        """The questions of `answer`'s inputs, and per input (first question, count, several?).
 
-    def token_ids(self, value, what: str) -> list[int]:
-        """A text (tokenised without special tokens, as the official code does) or token ids, checked."""
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError(f"{what} is empty.")
-            ids = self.tokenizer(value, add_special_tokens=False)["input_ids"]
-        elif isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-            ids = list(value)
-        else:
-            raise TypeError(f"{what} must be a string or a list of token ids, got {type(value).__name__}.")
-        if not ids:
-            raise ValueError(f"{what} has no tokens.")
-        outside = sorted({i for i in ids if not 0 <= i < self.vocab_size})
-        if outside:
-            raise ValueError(
-                f"{what} holds token ids outside the vocabulary of {self.vocab_size} (e.g. {outside[:5]})."
-            )
-        if what.endswith("`context`") and self.max_context_tokens is not None and len(ids) > self.max_context_tokens:
-            raise ContextTooLong(f"{what} has {len(ids)} tokens, more than the limit of {self.max_context_tokens}.")
-        return ids
+        Inputs are checked at comi_hf's one input edge (`prepare_inputs`); a context longer than
+        `max_context_tokens`, or whose memory, question and `max_new_tokens` would take the
+        decoder past its positions, is a `ContextTooLongError` before any encoding.
+        """
+        merge_size = self.prompt_encoder.config.merge_size if merge_size is None else check_merge_size(merge_size)
+        prepared = prepare_inputs(inputs, self.tokenizer, self.vocab_size, max_context_tokens=self.max_context_tokens)
+        questions, spans = [], []
+        for item in prepared:
+            spans.append((len(questions), len(item.question_ids), item.several))
+            for query_ids in item.question_ids:
+                check_decoder_positions(
+                    self.prompt_encoder.config, len(item.context_ids), len(query_ids), merge_size, max_new_tokens
+                )
+                questions.append(Question(item.context_ids, query_ids))
+        return questions, spans
 
     @torch.no_grad()
     def prompt_embeds_by_context(self, questions: list[Question], merge_size: int | None = None):
@@ -207,7 +190,7 @@ class COMIServingClient:
         inputs = gather_inputs(inputs, *(kwargs.pop(name, None) for name in ("context", "question", "questions")))
         generate_kwargs = kwargs
         sampling = vllm_sampling(self.prompt_encoder.generation_config, seed=seed, **generate_kwargs)
-        questions, spans = self.questions(inputs)
+        questions, spans = self.questions(inputs, merge_size, sampling.max_tokens)
         embeds = await asyncio.to_thread(self.prompt_embeds, questions, merge_size)
         await self.connect()
         completions = await self.decoder.complete_many(embeds, sampling)
@@ -236,7 +219,8 @@ class COMIServingClient:
         generation settings of `generate` (`max_new_tokens`, `do_sample`, `temperature`, `top_p`,
         `top_k`, `repetition_penalty`, `stop_strings`, ...) over the model's (the official
         evaluation's: greedy, 20 new tokens, repetition penalty 1.3). A setting vLLM cannot
-        reproduce (beam search, ...) is refused with a `ValueError`.
+        reproduce (beam search, ...) is refused with an `UnsupportedSettingError`; every problem is a
+        `COMIError` (see `comi_hf.errors_comi`).
         """
         if self._loop is None:
             self._loop = asyncio.new_event_loop()

@@ -16,12 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors_comi import (
+    DecoderError,
+    DecoderRefusedError,
+    DecoderUnavailableError,
+    InvalidInputError,
+    UnsupportedSettingError,
+)
 from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
 
 __all__ = [
     "Completion",
-    "DecoderError",
-    "DecoderUnavailable",
     "VLLMEngineDecoder",
     "VLLMReplicas",
     "VLLMServerDecoder",
@@ -35,14 +40,6 @@ class Completion:
 
     token_ids: list[int]
     finish_reason: str
-
-
-class DecoderError(RuntimeError):
-    """The decoder refused a request (the message says why)."""
-
-
-class DecoderUnavailable(DecoderError):
-    """The decoder cannot be reached."""
 
 
 def encode_prompt_embeds(embeds: torch.Tensor) -> str:
@@ -80,13 +77,13 @@ class VLLMServerDecoder:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.TransportError as error:
-            raise DecoderUnavailable(f"the vLLM server at {self.url} cannot be reached ({error!r})") from error
+            raise DecoderUnavailableError(f"the vLLM server at {self.url} cannot be reached ({error!r})") from error
         if response.status_code >= 400:
             try:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:500]
-            error_type = DecoderUnavailable if response.status_code >= 500 else DecoderError
+            error_type = DecoderUnavailableError if response.status_code >= 500 else DecoderRefusedError
             raise error_type(f"the vLLM server at {self.url} answered {response.status_code}: {message}")
         return response.json()
 
@@ -106,7 +103,7 @@ class VLLMServerDecoder:
             await self._complete_raw(torch.zeros(1, hidden_size), probe)
             self.has_output_penalty = False
         except DecoderError as error:
-            if isinstance(error, DecoderUnavailable) or REPETITION_PENALTY_ARG not in str(error):
+            if isinstance(error, DecoderUnavailableError) or REPETITION_PENALTY_ARG not in str(error):
                 raise
             self.has_output_penalty = True
         return {"model": self.model, "output_repetition_penalty": self.has_output_penalty}
@@ -118,10 +115,11 @@ class VLLMServerDecoder:
     async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         """The `sampling.n` completions of one prompt, in order."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
-            raise DecoderError(
+            raise UnsupportedSettingError(
                 f"the vLLM server at {self.url} lacks comi_hf's repetition-penalty processor, and vLLM's own "
                 "penalty counts placeholder prompt ids for prompt embeddings (vLLM 0.32): install comi_hf into vLLM's "
-                "environment (`pip install --no-deps comi_hf`) and restart it, or ask with repetition_penalty=1.0"
+                "environment (`pip install --no-deps comi_hf`) and restart it, or ask with repetition_penalty=1.0",
+                field="repetition_penalty",
             )
         response = await self._complete_raw(embeds, sampling.request_fields())
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
@@ -143,7 +141,7 @@ class VLLMReplicas:
 
     def __init__(self, replicas: list[VLLMServerDecoder], retry_after: float = 5.0):
         if not replicas:
-            raise ValueError("Give at least one vLLM server.")
+            raise InvalidInputError("Give at least one vLLM server.", field="vllm_url")
         self.replicas = replicas
         self.in_flight = [0] * len(replicas)
         self.up = [False] * len(replicas)
@@ -163,12 +161,12 @@ class VLLMReplicas:
         problems = []
         for index, outcome in enumerate(outcomes):
             self.up[index] = not isinstance(outcome, BaseException)
-            if isinstance(outcome, DecoderUnavailable):
+            if isinstance(outcome, DecoderUnavailableError):
                 problems.append(str(outcome))
             elif isinstance(outcome, BaseException):
                 raise outcome
         if not any(self.up):
-            raise DecoderUnavailable("; ".join(problems))
+            raise DecoderUnavailableError("; ".join(problems))
         penalty = all(replica.has_output_penalty for replica, up in zip(self.replicas, self.up, strict=True) if up)
         reachable = [replica.url for replica, up in zip(self.replicas, self.up, strict=True) if up]
         return {
@@ -183,11 +181,11 @@ class VLLMReplicas:
             self.in_flight[index] += 1
             try:
                 return await self.replicas[index].complete(embeds, sampling)
-            except DecoderUnavailable:
+            except DecoderUnavailableError:
                 self.up[index] = False
             finally:
                 self.in_flight[index] -= 1
-        raise DecoderUnavailable(f"none of the vLLM servers {self.url} can be reached")
+        raise DecoderUnavailableError(f"none of the vLLM servers {self.url} can be reached")
 
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
         if (
@@ -195,7 +193,7 @@ class VLLMReplicas:
             and self._hidden_size is not None
             and time.monotonic() - self._last_check > self.retry_after
         ):
-            with contextlib.suppress(DecoderUnavailable):  # a replica back since the last check rejoins
+            with contextlib.suppress(DecoderUnavailableError):  # a replica back since the last check rejoins
                 await self.connect(self._hidden_size)
         return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
 

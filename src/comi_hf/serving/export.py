@@ -10,28 +10,25 @@ OUTPUT_DIR --enable-prompt-embeds` without any COMI code.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 __all__ = ["run"]
 
 
-def run(args: argparse.Namespace) -> int:
-    """`comi-export-decoder` with parsed arguments (see `comi_hf_cli.export_parser`); the exit status."""
-    from ..loading import UsageError, first_line, load_comi
+def run(args: argparse.Namespace) -> None:
+    """`comi-export-decoder` with parsed arguments (see `comi_hf_cli.export_parser`); problems are `COMIError`s."""
+    from ..errors_comi import UsageError
+    from ..loading import first_line, load_comi
 
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a directory")
+    if output.exists() and any(output.iterdir()):
+        raise UsageError(f"{output} exists and is not empty")
+    model, tokenizer = load_comi(args.model)
     try:
-        output = Path(args.output_dir)
-        if output.exists() and any(output.iterdir()):
-            raise UsageError(f"{output} exists and is not empty")
-        model, tokenizer = load_comi(args.model)
-        try:
-            model.export_decoder(output, tokenizer)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot export the decoder: {first_line(error)}") from error
-    except UsageError as error:
-        print(f"comi-export-decoder: error: {error}", file=sys.stderr)
-        return 2
+        model.export_decoder(output, tokenizer)
+    except OSError as error:
+        raise UsageError(f"cannot export the decoder to {output}: {first_line(error)}") from error
     architecture = (model.decoder.config.architectures or [type(model.decoder).__name__])[0]
     print(f"exported the decoder of {args.model} ({architecture}) to {output}")
-    return 0

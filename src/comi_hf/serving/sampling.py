@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 
 from transformers import GenerationConfig
 
-__all__ = ["REPETITION_PENALTY_ARG", "UnsupportedSetting", "VLLMSampling", "vllm_sampling"]
+from ..errors_comi import UnsupportedSettingError
+from ..generation_comi import check_generation_values
+
+__all__ = ["REPETITION_PENALTY_ARG", "VLLMSampling", "vllm_sampling"]
 
 # The extra argument of comi_hf's vLLM logits processor (`comi_hf_vllm`), which applies
 # transformers' repetition penalty to the generated tokens only.
@@ -56,10 +59,6 @@ _MAPPED = {
     "eos_token_id",
     "num_return_sequences",
 }
-
-
-class UnsupportedSetting(ValueError):
-    """A generation setting that vLLM's prompt-embeddings API cannot reproduce."""
 
 
 @dataclass
@@ -119,16 +118,18 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
 
     Settings resolve as in `generate` (the call's over the model's, transformers' defaults for
     the rest); `seed` seeds sampling (vLLM draws per request, so a seeded request gives the same
-    tokens whatever else the server runs). Raises [`UnsupportedSetting`] naming every setting
+    tokens whatever else the server runs). Raises [`UnsupportedSettingError`] naming every setting
     that vLLM cannot reproduce (beam search, n-gram bans, ...) and every unknown argument.
     """
     config = GenerationConfig.from_dict(base.to_dict())
     unused = config.update(**generate_kwargs)
     if unused:
-        raise UnsupportedSetting(
+        raise UnsupportedSettingError(
             f"generation argument(s) {sorted(unused)} cannot be sent to vLLM (only generation settings are; "
-            "streamers, logits processors and stopping criteria run inside `generate` only)."
+            "streamers, logits processors and stopping criteria run inside `generate` only).",
+            field=sorted(unused)[0],
         )
+    check_generation_values(config)
     defaults = GenerationConfig._get_default_generation_params()
     refused = [
         name
@@ -138,18 +139,20 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
     if refused:
         settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in sorted(refused))
         beams = " (it has no beam search for prompt embeddings)" if "num_beams" in refused else ""
-        raise UnsupportedSetting(f"vLLM's prompt-embeddings API cannot reproduce {settings}{beams}")
+        raise UnsupportedSettingError(f"vLLM's prompt-embeddings API cannot reproduce {settings}{beams}")
     if config.max_new_tokens is None:
-        raise UnsupportedSetting("give `max_new_tokens` (a `max_length` counts prompt positions vLLM does not see)")
+        raise UnsupportedSettingError(
+            "give `max_new_tokens` (a `max_length` counts prompt positions vLLM does not see)"
+        )
     sampling = bool(config.do_sample)
     value = {
         name: getattr(config, name) if getattr(config, name) is not None else defaults.get(name) for name in _MAPPED
     }
     if value["num_return_sequences"] > 1 and not sampling:
-        raise UnsupportedSetting("num_return_sequences > 1 needs do_sample=True (greedy decoding has one answer)")
+        raise UnsupportedSettingError("num_return_sequences > 1 needs do_sample=True (greedy decoding has one answer)")
     penalty = value["repetition_penalty"]
     if not math.isfinite(penalty) or penalty <= 0:
-        raise UnsupportedSetting(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
+        raise UnsupportedSettingError(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
     eos = value["eos_token_id"]
     stop_strings = value["stop_strings"] or []
     return VLLMSampling(

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import os
-import sys
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +32,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..loading import UsageError, check_device, first_line
-from .client import COMIServingClient, ContextTooLong, Question
-from .decoder import DecoderError, DecoderUnavailable, VLLMReplicas, VLLMServerDecoder
-from .sampling import UnsupportedSetting, vllm_sampling
+from ..errors_comi import COMIError, DecoderUnavailableError, UsageError
+from ..loading import check_device
+from .client import COMIServingClient, Question
+from .decoder import VLLMReplicas, VLLMServerDecoder
+from .sampling import vllm_sampling
 
 __all__ = ["AnswerRequest", "CompressionBatcher", "create_app", "run"]
 
@@ -147,8 +150,11 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
 
     app = FastAPI(title="comi-serve", description="COMI question answering, the decoder on vLLM.", lifespan=lifespan)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"message": message, "code": status}})
+    def error(status: int, message: str, problem: COMIError | None = None) -> JSONResponse:
+        body = {"message": message, "code": problem.code if problem else status}
+        if problem is not None and problem.field is not None:
+            body["param"] = problem.field
+        return JSONResponse(status_code=status, content={"error": body})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -179,20 +185,14 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
         settings = {name: getattr(body, name) for name in SETTINGS if getattr(body, name) is not None}
         try:
             sampling = vllm_sampling(client.prompt_encoder.generation_config, seed=body.seed, **settings)
-            questions, spans = client.questions(inputs)
+            questions, spans = client.questions(inputs, body.merge_size, sampling.max_tokens)
             embeds = await batcher.prompt_embeds(questions, body.merge_size)
-        except ContextTooLong as problem:
-            return error(413, str(problem))
-        except (UnsupportedSetting, ValueError, TypeError) as problem:
-            return error(400, str(problem))
-        try:
             await client.connect()
             completions = await client.decoder.complete_many(embeds, sampling)
-        except DecoderUnavailable as problem:
-            client.forget_connection()
-            return error(503, f"the decoder is unavailable: {problem}")
-        except DecoderError as problem:
-            return error(400 if "answered 4" in str(problem) else 502, str(problem))
+        except COMIError as problem:
+            if isinstance(problem, DecoderUnavailableError):
+                client.forget_connection()
+            return error(problem.status, str(problem), problem)
         (result,) = client.results(questions, spans, embeds, completions, body.return_token_ids)
         return JSONResponse(result, headers={"X-Process-Time": f"{time.perf_counter() - started:.4f}"})
 
@@ -201,7 +201,7 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
         try:
             decoder = {"reachable": True, **(await client.connect())}
             status, code = "ok", 200
-        except DecoderError as problem:
+        except COMIError as problem:
             client.forget_connection()
             decoder = {"reachable": False, "error": str(problem)}
             status, code = "decoder unavailable", 503
@@ -213,30 +213,63 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
     return app
 
 
-def run(args: argparse.Namespace) -> int:
-    """`comi-serve` with parsed arguments (see `comi_hf_cli.serve_parser`); returns the exit status."""
+def check_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host (a vLLM server's base URL)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number or out of range)
+    except ValueError as error:
+        raise UsageError(f"--vllm-url {url!r}: {error}", field="vllm_url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(
+            f"--vllm-url {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000", field="vllm_url"
+        )
+    return url
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` and listening, or a [`UsageError`] saying why not (an unknown
+    host, an address this machine lacks, a port in use or not allowed)."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise UsageError(f"cannot listen on {host}:{port}: unknown host ({error})", field="host") from None
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        raise UsageError(f"cannot listen on {host}:{port}: {reason}", field="port") from None
+    return listener
+
+
+def run(args: argparse.Namespace) -> None:
+    """`comi-serve` with parsed arguments (see `comi_hf_cli.serve_parser`); problems are `COMIError`s."""
     import uvicorn
 
+    urls = [check_url(url) for url in args.vllm_url]
+    device = check_device(args.device)
+    listener = listening_socket(args.host, args.port)
     try:
-        device = check_device(args.device)
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        try:
-            client = COMIServingClient.from_pretrained(
-                args.model,
-                vllm_url=args.vllm_url[0] if len(args.vllm_url) == 1 else args.vllm_url,
-                vllm_model=args.vllm_model,
-                api_key=args.vllm_api_key,
-                device=device,
-                dtype=dtype,
-                cache_bytes=args.cache_bytes,
-                max_context_tokens=args.max_context_tokens,
-            )
-        except (OSError, ValueError) as problem:
-            raise UsageError(f"cannot load the COMI compressor from {args.model}: {first_line(problem)}") from problem
-    except UsageError as problem:
-        print(f"comi-serve: error: {problem}", file=sys.stderr)
-        return 2
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    app = create_app(client, api_key=api_key, max_request_bytes=args.max_request_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+        client = COMIServingClient.from_pretrained(
+            args.model,
+            vllm_url=urls[0] if len(urls) == 1 else urls,
+            vllm_model=args.vllm_model,
+            api_key=args.vllm_api_key,
+            device=device,
+            dtype=dtype,
+            cache_bytes=args.cache_bytes,
+            max_context_tokens=args.max_context_tokens,
+        )
+        api_key = args.api_key or os.environ.get(API_KEY_ENV)
+        app = create_app(client, api_key=api_key, max_request_bytes=args.max_request_bytes)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
+        server.run(sockets=[listener])
+    finally:
+        listener.close()

@@ -1,0 +1,1 @@
+src/comi_hf/errors_comi.py

@@ -1,0 +1,1 @@
+src/comi_hf/processing_comi.py
