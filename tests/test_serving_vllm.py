@@ -254,7 +254,7 @@ def test_comi_serve_encodes_a_document_once(service):
     [
         (None, b"{not json", "secret", 400, "JSON"),
         ({"context": "  ", "question": "q ?"}, None, "secret", 400, "`context` is empty"),
-        ({"context": "a text", "question": ""}, None, "secret", 400, "question 0 is empty"),
+        ({"context": "a text", "question": ""}, None, "secret", 400, "`question` is empty"),
         ({"context": "a text"}, None, "secret", 400, "exactly one of `question` and `questions`"),
         ({"context": "a text", "question": "q", "questions": ["q"]}, None, "secret", 400, "exactly one of"),
         ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "more than the limit of 400"),
@@ -262,7 +262,7 @@ def test_comi_serve_encodes_a_document_once(service):
         ({"context": "a text", "question": "q ?", "merge_size": "four"}, None, "secret", 400, "merge_size"),
         ({"context": "a text", "question": "q ?", "num_beams": 2}, None, "secret", 400, "no beam search"),
         ({"context": "a text", "question": "q ?", "beams": 2}, None, "secret", 400, "beams: Extra inputs"),
-        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "outside the vocabulary"),
+        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "outside the model's vocabulary"),
         ({"context": "a text", "question": "q ?"}, None, None, 401, "API key"),
         ({"context": "a text", "question": "q ?"}, None, "wrong", 401, "API key"),
     ],
