@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -73,14 +74,17 @@ def test_questions_file_from_stdin_with_json_and_explanation(model_dir, tmp_path
     "args,stdin,message",
     [
         (["--context-file", "missing.txt", "--question", "q ?"], None, "no such context file: missing.txt"),
-        (["--context-file", "-", "--question", "q ?"], "   \n", "the context is empty"),
-        (["--context-file", "doc.txt", "--question", "  "], None, "the question is empty"),
+        (["--context-file", "-", "--question", "q ?"], "   \n", "`context` is empty"),
+        (["--context-file", "-", "--question", "q ?"], "\u200b\u200b\n", "`context` is empty"),
+        (["--context-file", "doc.txt", "--question", "  "], None, "`question` is empty"),
         (["--context-file", "doc.txt", "--questions-file", "none.txt"], None, "no such questions file"),
         (["--context-file", "doc.txt", "--questions-file", "blank.txt"], None, "no questions in blank.txt"),
         (["--context-file", "doc.txt", "--question", "q", "--merge-size", "0"], None, "--merge-size must be"),
+        (["--context-file", "doc.txt", "--question", "q", "--merge-size", str(10**30)], None, "--merge-size must be"),
+        (["--context-file", "doc.txt", "--question", "q", "--device", "meta"], None, "device 'meta' holds no data"),
         (["--context-file", "doc.txt", "--question", "q", "--batch-size", "0"], None, "--batch-size must be"),
         (["--context-file", "binary.txt", "--question", "q"], None, "the context file binary.txt is not UTF-8 text"),
-        (["--context-file", ".", "--question", "q"], None, "no such context file: ."),
+        (["--context-file", ".", "--question", "q"], None, "the context file . is a directory, not a file"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(model_dir, tmp_path, args, stdin, message):
@@ -153,11 +157,16 @@ def test_a_device_this_machine_lacks(model_dir, tmp_path):
     done = _run(
         ["--model", str(model_dir), "--context-file", "doc.txt", "--question", "q ?", "--device", "cuda"], tmp_path
     )
-    _one_error_line(done, "device 'cuda' is not available here: Torch not compiled with CUDA enabled")
+    _one_error_line(done, "device 'cuda' is not available here (Torch not compiled with CUDA enabled)")
     done = _run(
         ["--model", str(model_dir), "--context-file", "doc.txt", "--question", "q ?", "--device", "gpu7"], tmp_path
     )
     _one_error_line(done, "unknown device 'gpu7'")
+    done = _run(
+        ["--model", str(model_dir), "--context-file", "doc.txt", "--question", "q ?", "--device", "mps"], tmp_path
+    )
+    _one_error_line(done, "device 'mps' is not available here")
+    assert len(done.stderr) < 300, done.stderr
 
 
 def test_broken_model_directories(model_dir, tmp_path):
@@ -223,24 +232,67 @@ def test_a_directory_that_is_not_comi_is_refused(tmp_path):
         _one_error_line(done, message)
 
 
-def test_module_entry_point(model_dir, tmp_path):
+def test_closed_stdout_is_one_line(model_dir, tmp_path):
+    """`comi-qa ... >&-`: Python starts with sys.stdout = None."""
     (tmp_path / "doc.txt").write_text(DOCUMENT)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "comi_hf.cli",
-            "--model",
-            str(model_dir),
-            "--context-file",
-            "doc.txt",
-            "--question",
-            "q ?",
-        ],
+        [shutil.which("comi-qa"), "--model", str(model_dir), "--context-file", "doc.txt", "--question", "q ?"],
         cwd=tmp_path,
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
         timeout=300,
+        preexec_fn=lambda: os.close(1),
     )
+    _one_error_line(done, "stdout is closed")
+
+
+def test_a_context_too_long_for_the_decoder_is_refused_before_encoding(model_dir, tmp_path):
+    """The tiny decoder has 4096 positions: 20,000 tokens at merge size 4 need about 5,000."""
+    (tmp_path / "long.txt").write_text(" ".join(DOCUMENT.split() * 800))
+    started = time.monotonic()
+    done = _run(["--model", str(model_dir), "--context-file", "long.txt", "--question", "q ?"], tmp_path)
+    _one_error_line(done, "more than its max_position_embeddings of 4096")
+    assert "Encoding" not in done.stderr and time.monotonic() - started < 60
+    assert re.search(r"the context has \d+ tokens \(\d+ segment\(s\) of up to 64\)", done.stderr)
+
+
+def test_long_encodings_show_progress(model_dir, tmp_path):
+    (tmp_path / "doc.txt").write_text(" ".join(DOCUMENT.split() * 12))  # several 64-token segments
+    done = _run(["--model", str(model_dir), "--context-file", "doc.txt", "--question", "q ?"], tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("\n") == 1
+    assert "Encoding" in done.stderr and "segment" in done.stderr
+    assert "Loading weights" not in done.stderr  # loading a model is not the user's wait
+
+
+def test_unknown_words_are_said_on_stderr(tmp_path):
+    """The shipped model's word-level tokenizer knows 64 words: ordinary English is mostly `<unk>`."""
+    (tmp_path / "doc.txt").write_text("The committee approved the budget after a long debate about schools.")
+    done = _run(["--context-file", "doc.txt", "--question", "what is the code of red river ?"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if line.startswith("comi-qa: warning: ")]
+    assert len(warning) == 1 and "tokens of `context` are unknown to the tokenizer" in warning[0], done.stderr
+
+
+def test_damaged_model_directories_are_one_line(model_dir, tmp_path):
+    """Flipped bytes in a weight tensor (here: a float32 NaN), no tokenizer, no config."""
+    (tmp_path / "doc.txt").write_text(DOCUMENT)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(model_dir, flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    data[-4:] = b"\x00\x00\xc0\x7f"  # the last float32 of the last tensor becomes NaN
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    no_config = tmp_path / "no_config"
+    shutil.copytree(model_dir, no_config)
+    (no_config / "config.json").unlink()
+    for directory, message in (
+        (flipped, "hold 1 NaN or infinite value(s)"),
+        (no_tokenizer, "cannot load the tokenizer of"),
+        (no_config, "has no config.json: it is not a model directory"),
+    ):
+        done = _run(["--model", str(directory), "--context-file", "doc.txt", "--question", "q ?"], tmp_path)
+        _one_error_line(done, message)

@@ -3,6 +3,7 @@ import json
 import pytest
 from conftest import EOS_ID
 
+from comi_hf import UsageError
 from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example, truncate_context
 
 
@@ -60,7 +61,7 @@ def test_encodings(tmp_path):
 
 
 def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No such data file"):
+    with pytest.raises(UsageError, match="No such data file"):
         load_comi_jsonl(tmp_path / "none.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="no examples"):

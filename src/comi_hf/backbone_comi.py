@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from .compressor_comi import COMIPreTrainedModel, loading_report
 from .configuration_comi import COMIConfig
+from .errors_comi import ModelLoadError
 
 __all__ = ["copy_backbone_into_encoder_and_lsa", "load_backbone"]
 
@@ -43,7 +44,7 @@ def load_backbone(
     """
     backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub)
     if getattr(backbone_config, "model_type", None) == COMIConfig.model_type:
-        raise ValueError(
+        raise ModelLoadError(
             f"{pretrained_model_name_or_path} is already a COMI model: load it with "
             "`COMIForConditionalGeneration.from_pretrained`."
         )
@@ -67,7 +68,7 @@ def load_backbone(
         report_logger.removeFilter(_drop_loading_report)
     problems = loading_report(loading_info, expected_missing=_NOT_IN_BACKBONE)
     if problems:
-        raise ValueError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
+        raise ModelLoadError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
     # transformers remembers the key mapping used to load and reverts it on save; this model
     # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
     vars(model).pop("_weight_conversions", None)
@@ -85,13 +86,13 @@ def copy_backbone_into_encoder_and_lsa(model: COMIPreTrainedModel) -> None:
     for target in targets:
         for name, tensor in target.state_dict(keep_vars=True).items():
             if name not in source:
-                raise KeyError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
+                raise ModelLoadError(f"The backbone has no `{name}` to initialise the {type(target).__name__} from.")
             # Under DeepSpeed ZeRO-3 (`zero.Init`, which `from_pretrained` enters whenever a ZeRO-3
             # config is active) each process holds an empty shard: gather the pair, copy, and let
             # rank 0's copy be re-partitioned. Gathered one pair at a time, never the whole model.
             with _gathered([source[name], tensor]):
                 if source[name].is_meta or tensor.is_meta:
-                    raise RuntimeError(
+                    raise ModelLoadError(
                         "Cannot copy the backbone into the encoder while weights are offloaded (meta device); "
                         "load without CPU/disk offload, save, then use `from_pretrained`."
                     )
@@ -113,7 +114,7 @@ def _gathered(tensors: list[torch.Tensor]):
     try:
         import deepspeed
     except ImportError as error:
-        raise RuntimeError(
+        raise ModelLoadError(
             "These weights are partitioned by DeepSpeed ZeRO-3, but deepspeed fails to import."
         ) from error
 

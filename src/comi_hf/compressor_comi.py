@@ -135,10 +135,6 @@ class COMIPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        # A saved directory names its pipeline for `pipeline(model=directory)`; in memory the task
-        # is registered by importing this code, and a `custom_pipelines` entry on the live config
-        # would make `pipeline("comi-qa", model=model)` demand `trust_remote_code`.
-        vars(model.config).pop("custom_pipelines", None)
         problems = loading_report(loading_info)
         if not problems:
             check_finite_weights(model, pretrained_model_name_or_path)
@@ -338,7 +334,7 @@ class COMICompressionModel(COMIPreTrainedModel):
         # Where the encoder runs (inputs may sit elsewhere when accelerate dispatches the model).
         same_length_only = self.encoder.get_input_embeddings().weight.device.type == "cpu"
         hidden, key_values, start = None, None, 0
-        bar = tqdm(total=num_rows, desc="Encoding", unit="segment", file=sys.stderr, disable=not show_progress)
+        bar = tqdm(total=num_rows, desc="Encoding", unit="segment", file=sys.stderr, disable=not show_progress or num_rows < 2)
         while start < num_rows:
             end = start + 1
             while (

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 
 from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .errors_comi import InvalidInputError
 
 __all__ = ["COMIConfig", "draw_merge_size"]
 
@@ -121,15 +124,18 @@ class COMIConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         # Configs saved before `learnable_select_weights` was removed carry it as False.
         if kwargs.pop("learnable_select_weights", False):
-            raise ValueError(
+            raise InvalidInputError(
                 "`learnable_select_weights` is not supported: the coarse stage only decides integer group sizes, "
-                "so `alpha_select` / `beta_select` would never receive a gradient."
+                "so `alpha_select` / `beta_select` would never receive a gradient.",
+                field="learnable_select_weights",
             )
         super().__post_init__(**kwargs)
+        _drop_registered_pipeline(self)
         backbone_ties = bool(getattr(self.text_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings is not None and self.tie_word_embeddings != backbone_ties:
-            raise ValueError(
-                f"`tie_word_embeddings` follows the backbone's ({backbone_ties}); set it in `text_config`."
+            raise InvalidInputError(
+                f"`tie_word_embeddings` follows the backbone's ({backbone_ties}); set it in `text_config`.",
+                field="tie_word_embeddings",
             )
         self.tie_word_embeddings = backbone_ties
 
@@ -138,9 +144,10 @@ class COMIConfig(PreTrainedConfig):
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != cls.model_type:
             # Reading another model's config as COMI would silently build the default backbone.
-            raise ValueError(
+            raise InvalidInputError(
                 f"This is a `{model_type}` config, not a COMI one. To build COMI from a decoder-only "
-                "backbone use `COMIForConditionalGeneration.from_backbone`."
+                "backbone use `COMIForConditionalGeneration.from_backbone`.",
+                field="model_type",
             )
         return super().from_dict(config_dict, **kwargs)
 
@@ -148,14 +155,16 @@ class COMIConfig(PreTrainedConfig):
         """Checks across fields: the depths fit in the backbone."""
         backbone_layers = self.text_config.num_hidden_layers
         if self.encoder_layers > backbone_layers:
-            raise ValueError(
+            raise InvalidInputError(
                 f"`encoder_layers` must be between 1 and the backbone's {backbone_layers} layers, "
-                f"got {self.encoder_layers}."
+                f"got {self.encoder_layers}.",
+                field="encoder_layers",
             )
         if self.num_mem_fusion_layers > backbone_layers:
-            raise ValueError(
+            raise InvalidInputError(
                 f"`num_mem_fusion_layers` must be between 0 and the backbone's {backbone_layers} layers, "
-                f"got {self.num_mem_fusion_layers}."
+                f"got {self.num_mem_fusion_layers}.",
+                field="num_mem_fusion_layers",
             )
 
     def _truncated_text_config(self, num_layers: int) -> PreTrainedConfig:
@@ -175,6 +184,26 @@ class COMIConfig(PreTrainedConfig):
     def lsa_config(self) -> PreTrainedConfig:
         """Backbone config truncated to the LSA block's `num_mem_fusion_layers` layers."""
         return self._truncated_text_config(self.num_mem_fusion_layers)
+
+
+def _drop_registered_pipeline(config: COMIConfig) -> None:
+    """Drop the saved `custom_pipelines` entry of a task that is already registered in this process.
+
+    A saved COMI directory names its pipeline for `pipeline(model=directory, trust_remote_code=True)`
+    where comi_hf is not installed. Where the task is registered (comi_hf imported), transformers
+    would still demand `trust_remote_code` for a task the config names, though the registered
+    pipeline serves it: without the entry, `pipeline("comi-qa", model=directory)` just works.
+    """
+    entries = getattr(config, "custom_pipelines", None)
+    pipelines = sys.modules.get("transformers.pipelines")
+    if not entries or pipelines is None:
+        return
+    registered = set(pipelines.PIPELINE_REGISTRY.get_supported_tasks())
+    remaining = {task: entry for task, entry in entries.items() if task not in registered}
+    if remaining:
+        config.custom_pipelines = remaining
+    else:
+        del config.custom_pipelines
 
 
 COMIConfig.register_for_auto_class()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .errors_comi import MalformedDataError
+from .errors_comi import InvalidInputError, MalformedDataError, UsageError
 from .processing_comi import pad_token_lists
 
 __all__ = ["COMIDataCollator", "load_comi_jsonl", "tokenize_example", "truncate_context", "word_level_tokenizer"]
@@ -70,12 +70,12 @@ def load_comi_jsonl(path: str | Path) -> Dataset:
     `answers` (always a list; training uses the first).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a malformed line, naming the file, the line number and the field.
+        UsageError: no such file.
+        MalformedDataError: a malformed line, naming the file, the line number and the field.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No such data file: {path}")
+        raise UsageError(f"No such data file: {path}")
     rows = list(_rows(path))
     if not rows:
         raise MalformedDataError(f"{path}: no examples")
@@ -103,7 +103,7 @@ def tokenize_example(example: dict, tokenizer, max_context_tokens: int | None = 
     """As in the official code (docs/method.md): context, question and answer without special tokens;
     labels = first answer + EOS."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no EOS token; COMI's labels end with one.")
+        raise InvalidInputError("The tokenizer has no EOS token; COMI's labels end with one.", field="tokenizer")
     context = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
     question = tokenizer(example["question"], add_special_tokens=False)["input_ids"]
     answer = tokenizer(example["answers"][0], add_special_tokens=False)["input_ids"]

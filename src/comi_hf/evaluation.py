@@ -11,8 +11,9 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .data import COMIDataCollator, truncate_context
+from .errors_comi import InvalidInputError
 from .metrics import best_exact_match, best_f1
-from .pipeline_comi import decode_answers
+from .processing_comi import decode_answers
 
 __all__ = ["answer_dataset", "summarize", "write_metrics"]
 
@@ -82,7 +83,7 @@ def summarize(records: Iterable[dict], merge_size: int) -> dict:
     """Mean exact match and F1, the sample count, the merge size and the mean compression ratio."""
     records = list(records)
     if not records:
-        raise ValueError("No evaluated examples to summarize.")
+        raise InvalidInputError("No evaluated examples to summarize.")
     count = len(records)
     return {
         "exact_match": sum(record["exact_match"] for record in records) / count,

@@ -19,17 +19,20 @@ from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
 )
+from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.utils import logging as hf_logging
 
-from .errors_comi import InvalidInputError, ModelLoadError, NonFiniteError
+from .errors_comi import InvalidInputError, ModelLoadError, NonFiniteError, UnsupportedSettingError
 
 __all__ = [
     "FiniteLogitsCheck",
     "check_generation_values",
     "check_servable",
+    "check_stop_strings",
     "official_generation_config",
     "resolve_generation_settings",
     "serving_generation_config",
+    "update_generation_config",
     "warn_past_positions",
 ]
 
@@ -110,22 +113,57 @@ class FiniteLogitsCheck(LogitsProcessor):
         return scores
 
 
+def update_generation_config(config: GenerationConfig, settings: dict) -> dict:
+    """`config.update(**settings)` (returns the arguments that are not generation settings), with
+    transformers' own validation failures as an `InvalidInputError`."""
+    try:
+        return config.update(**settings)
+    except ValueError as error:
+        raise InvalidInputError(str(error), field=_named_setting(str(error), settings)) from None
+
+
+def _named_setting(message: str, settings: dict) -> str | None:
+    return next((name for name in settings if f"`{name}`" in message), None)
+
+
+def check_stop_strings(stop_strings: str | list[str] | None, tokenizer) -> None:
+    """Refuse `stop_strings` that transformers' `StopStringCriteria` cannot match with `tokenizer`
+    (it needs the tokenizer, and a vocabulary that can spell any text: a closed word-level
+    vocabulary like the default model's cannot)."""
+    if not stop_strings:
+        return
+    if tokenizer is None:
+        raise InvalidInputError("`stop_strings` are matched as text: pass `tokenizer=`.", field="stop_strings")
+    try:
+        StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+    except ValueError as error:
+        raise UnsupportedSettingError(
+            f"`stop_strings` cannot be matched with this tokenizer ({type(tokenizer).__name__}): transformers' "
+            f"StopStringCriteria spells every vocabulary entry after a probe text, which its vocabulary cannot "
+            f"spell ({error}); stop on token ids with `eos_token_id=[...]` instead.",
+            field="stop_strings",
+        ) from None
+
+
 def resolve_generation_settings(
     model_settings: GenerationConfig,
     generation_config: GenerationConfig | None,
     logits_processor: LogitsProcessorList | None,
     kwargs: dict,
     prompt_len: int,
+    tokenizer=None,
 ) -> tuple[GenerationConfig, LogitsProcessorList, dict, int]:
-    """Resolve the settings as `generate` does (call arguments > the given config > the model's).
+    """Resolve the settings as `generate` does (call arguments > the given config > the model's),
+    and check them (values in range, `stop_strings` that `tokenizer` can match).
 
     Returns the resolved config, the logits processors, the call arguments that are not
     generation settings (for `generate` itself), and the number of new tokens at most.
     """
     generation_config = copy.deepcopy(generation_config if generation_config is not None else model_settings)
     generation_config.update(**model_settings.to_dict(), defaults_only=True, allow_custom_entries=True)
-    generate_kwargs = generation_config.update(**kwargs)
+    generate_kwargs = update_generation_config(generation_config, kwargs)
     check_generation_values(generation_config)
+    check_stop_strings(generation_config.stop_strings, tokenizer or generate_kwargs.get("tokenizer"))
     new_tokens = generation_config.max_new_tokens
     if new_tokens is None:
         new_tokens = max(generation_config.max_length - prompt_len, 0)

@@ -288,11 +288,13 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
             self.get_input_embeddings(), memory, memory_mask, query_ids, query_mask, left_pad=True
         )
         generation_config, processors, generate_kwargs, new_tokens = resolve_generation_settings(
-            self.generation_config, generation_config, logits_processor, kwargs, inputs_embeds.shape[1]
+            self.generation_config, generation_config, logits_processor, kwargs, inputs_embeds.shape[1], tokenizer
         )
         warn_past_positions(self, inputs_embeds.shape[1], new_tokens)
         # The decoder fills unset generation values from its own generation config: make it ours.
         self.decoder.generation_config = self.generation_config
+        if tokenizer is not None:
+            generate_kwargs["tokenizer"] = tokenizer  # what `stop_strings` are matched with
         return self.decoder.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=decoder_mask.long(),

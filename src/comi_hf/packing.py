@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors_comi import InvalidInputError
 from .mig import MIGDetails
 
 __all__ = [
@@ -159,15 +160,15 @@ def resolve_context_index(
             return torch.arange(num_queries, device=device)
         if num_contexts == 1:
             return torch.zeros(num_queries, dtype=torch.long, device=device)
-        raise ValueError(
+        raise InvalidInputError(
             f"Got {num_contexts} contexts but `query_ids` holds {num_queries} queries; pass `context_index` "
             "to say which context each query is about."
         )
     context_index = torch.as_tensor(context_index, device=device)
     if context_index.shape != (num_queries,) or context_index.dtype not in (torch.long, torch.int):
-        raise ValueError(f"`context_index` must hold one context index per query ({num_queries}).")
+        raise InvalidInputError(f"`context_index` must hold one context index per query ({num_queries}).")
     if num_queries and (context_index.min() < 0 or context_index.max() >= num_contexts):
-        raise ValueError(f"`context_index` must point at one of the {num_contexts} contexts.")
+        raise InvalidInputError(f"`context_index` must point at one of the {num_contexts} contexts.")
     return context_index.long()
 
 

@@ -147,6 +147,7 @@ class COMIQuestionAnsweringPipeline(Pipeline):
             query_ids=query_ids,
             query_attention_mask=query_mask,
             memory=(memory, memory_mask),
+            tokenizer=self.tokenizer,  # for `stop_strings`
             **(generate_kwargs or {}),
         )
         if not isinstance(generated, torch.Tensor):

@@ -25,6 +25,8 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from .errors_comi import InvalidInputError
+
 __all__ = ["SPLIT_SEEDS", "FactSpan", "SyntheticDocument", "make_document", "make_split", "vocabulary"]
 
 ADJECTIVES = ("red", "blue", "green", "old", "new", "dark", "white", "north", "south", "east", "west", "long")
@@ -85,7 +87,7 @@ def _code(rng: random.Random) -> str:
 def make_document(seed: int, words: int = 256, repeats: int = 3) -> SyntheticDocument:
     """One document of about `words` words (at least one target fact and one distractor)."""
     if words < 16:
-        raise ValueError(f"`words` must be at least 16, got {words}.")
+        raise InvalidInputError(f"`words` must be at least 16, got {words}.")
     rng = random.Random(seed)
     adjective, noun = rng.choice(ADJECTIVES), rng.choice(NOUNS)
     target = f"{adjective} {noun}"
@@ -139,7 +141,7 @@ def make_document(seed: int, words: int = 256, repeats: int = 3) -> SyntheticDoc
 
 def make_split(split: str, num_docs: int, words: int = 256, repeats: int = 3) -> list[SyntheticDocument]:
     if split not in SPLIT_SEEDS:
-        raise ValueError(f"`split` must be one of {sorted(SPLIT_SEEDS)}, got {split!r}.")
+        raise InvalidInputError(f"`split` must be one of {sorted(SPLIT_SEEDS)}, got {split!r}.")
     return [make_document(SPLIT_SEEDS[split] + index, words, repeats) for index in range(num_docs)]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .errors_comi import InvalidInputError
 from .modeling_comi import COMIForConditionalGeneration
 
 __all__ = [
@@ -68,9 +69,11 @@ def prepare_for_training(
     modes = {"encoder": encoder, "lsa": lsa, "decoder": decoder}
     for part, mode in modes.items():
         if mode not in PART_MODES:
-            raise ValueError(f"`{part}` must be one of {PART_MODES}, got {mode!r}.")
+            raise InvalidInputError(f"`{part}` must be one of {PART_MODES}, got {mode!r}.")
     if isinstance(model.lsa, nn.Linear) and lsa == "lora":
-        raise ValueError("LoRA on the LSA needs LSA layers (`num_mem_fusion_layers` > 0); use 'full' or 'freeze'.")
+        raise InvalidInputError(
+            "LoRA on the LSA needs LSA layers (`num_mem_fusion_layers` > 0); use 'full' or 'freeze'."
+        )
     full_parts = [part for part, mode in modes.items() if mode == "full"]
     lora_parts = [part for part, mode in modes.items() if mode == "lora"]
     learnable_weights = any(True for _ in model.compressor.parameters())

@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 
+from ..errors_comi import InvalidInputError
 from ..packing import COMIContextEncoding
 
 __all__ = ["EncodedContextCache"]
@@ -26,7 +27,7 @@ class EncodedContextCache:
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
-            raise ValueError(f"The cache budget must be >= 0 bytes, got {max_bytes}.")
+            raise InvalidInputError(f"The cache budget must be >= 0 bytes, got {max_bytes}.")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[bytes, tuple[COMIContextEncoding, int]] = OrderedDict()
         self._bytes = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from transformers import GenerationConfig
 
 from ..errors_comi import UnsupportedSettingError
-from ..generation_comi import check_generation_values
+from ..generation_comi import check_generation_values, update_generation_config
 
 __all__ = ["REPETITION_PENALTY_ARG", "VLLMSampling", "vllm_sampling"]
 
@@ -122,7 +122,7 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
     that vLLM cannot reproduce (beam search, n-gram bans, ...) and every unknown argument.
     """
     config = GenerationConfig.from_dict(base.to_dict())
-    unused = config.update(**generate_kwargs)
+    unused = update_generation_config(config, generate_kwargs)
     if unused:
         raise UnsupportedSettingError(
             f"generation argument(s) {sorted(unused)} cannot be sent to vLLM (only generation settings are; "
