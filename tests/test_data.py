@@ -4,7 +4,7 @@ import pytest
 from conftest import EOS_ID
 
 from comi_hf import UsageError
-from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example, truncate_context
+from comi_hf.data import COMIDataCollator, load_comi_jsonl, tokenize_example, truncate_context, word_level_tokenizer
 
 
 def _write(path, lines):
@@ -74,6 +74,23 @@ def test_tokenisation_follows_the_official_code(tokenizer):
     assert features["input_ids"] == tokenizer(example["context"], add_special_tokens=False).input_ids
     assert features["query_ids"] == tokenizer(example["question"], add_special_tokens=False).input_ids
     assert features["labels"] == tokenizer("4821", add_special_tokens=False).input_ids + [EOS_ID]
+
+
+def test_word_level_tokenizer_lower_cases_and_splits_punctuation_off():
+    tokenizer = word_level_tokenizer(["what", "is", "x", "?", ".", "4", "2"])
+    expected = tokenizer("what is x ?", add_special_tokens=False).input_ids
+    for text in ("What is X?", "WHAT  IS\tX ?", "what is x？"):  # the last one's "？" is full-width
+        assert tokenizer(text, add_special_tokens=False).input_ids == expected, text
+    ids = tokenizer("x is 4 2.", add_special_tokens=False).input_ids  # digits stay one token each
+    assert tokenizer.convert_ids_to_tokens(ids) == ["x", "is", "4", "2", "."]
+    assert tokenizer.decode(tokenizer("is 4 2 x", add_special_tokens=False).input_ids) == "is 4 2 x"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("x?!", add_special_tokens=False).input_ids) == ["x", "?", "<unk>"]
+
+
+@pytest.mark.parametrize("word", ["Paris", "hill?", "full-width", "Ｈill"])
+def test_word_level_tokenizer_refuses_words_no_text_could_reach(word):
+    with pytest.raises(ValueError, match="after normalisation"):
+        word_level_tokenizer(["a", word])
 
 
 def test_middle_truncation_policy():

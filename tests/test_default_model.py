@@ -10,17 +10,25 @@ from pathlib import Path
 import pytest
 from conftest import REMOTE_CODE_FILES
 from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, pipeline
 
-from comi_hf import DEFAULT_MODEL, COMIForConditionalGeneration
+from comi_hf import DEFAULT_BACKBONE, DEFAULT_MODEL, COMIForConditionalGeneration
+from comi_hf.data import word_level_tokenizer
 from comi_hf.evaluation import answer_dataset, summarize
-from comi_hf.synthetic import SPLIT_SEEDS, make_document
+from comi_hf.synthetic import SPLIT_SEEDS, make_document, vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "data" / "example_document.txt"
 # The README's example: this test-split document (never seen in training).
 EXAMPLE_INDEX = 0
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# How people type the README's question (its own spelling is "what is the code of long hill ?").
+NATURAL_PHRASINGS = (
+    "what is the code of long hill?",
+    "What is the code of long hill ?",
+    "WHAT IS THE CODE OF LONG HILL?",
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,42 @@ def test_readme_main_command_answers_the_example_without_a_model_argument(tmp_pa
     assert done.stdout.strip() == document.answer
     readme = (REPO / "README.md").read_text()
     assert f'comi-qa --context-file examples/data/example_document.txt --question "{document.question}"' in readme
+
+
+def test_shipped_tokenizers_are_the_recipes():
+    # The recipe's tokenizer (pretrain_backbone.py), so that rerunning it reproduces the shipped files.
+    expected = json.loads(word_level_tokenizer(vocabulary()).backend_tokenizer.to_str())
+    for directory in (DEFAULT_MODEL, DEFAULT_BACKBONE):
+        assert json.loads((Path(directory) / "tokenizer.json").read_text()) == expected, directory
+
+
+def test_normalisation_leaves_the_trained_ids_of_synthetic_text_unchanged(tokenizer):
+    # The weights were trained on whitespace-split ids: lower-casing and splitting punctuation off
+    # must not move a single id of the generator's own text.
+    whitespace_only = Tokenizer(models.WordLevel(tokenizer.get_vocab(), unk_token=tokenizer.unk_token))
+    whitespace_only.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for split, first in SPLIT_SEEDS.items():
+        for index in range(100):
+            document = make_document(first + index, (32, 256, 1024)[index % 3])
+            for text in (document.context, document.question, document.answer):
+                expected = whitespace_only.encode(text, add_special_tokens=False).ids
+                assert tokenizer(text, add_special_tokens=False).input_ids == expected, (split, index, text)
+                assert tokenizer.unk_token_id not in expected
+
+
+def test_natural_phrasings_read_as_the_generators_question(tokenizer):
+    document = make_document(SPLIT_SEEDS["test"] + EXAMPLE_INDEX, 256)
+    expected = tokenizer(document.question, add_special_tokens=False).input_ids
+    for phrasing in NATURAL_PHRASINGS:
+        assert tokenizer(phrasing, add_special_tokens=False).input_ids == expected, phrasing
+    assert tokenizer.decode(expected) == "what is the code of long hill?"
+
+
+def test_natural_phrasings_get_the_readme_answer():
+    document = make_document(SPLIT_SEEDS["test"] + EXAMPLE_INDEX, 256)
+    qa = pipeline("comi-qa")
+    answers = qa(context=document.context, questions=[document.question, *NATURAL_PHRASINGS])["answers"]
+    assert answers == [document.answer] * (1 + len(NATURAL_PHRASINGS))
 
 
 def test_pipeline_without_a_model_uses_the_default_model():

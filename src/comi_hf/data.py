@@ -135,13 +135,36 @@ class COMIDataCollator:
 
 def word_level_tokenizer(words: list[str]):
     """A word-level tokenizer for tiny test and demonstration models: ids 0-2 are `<pad>`, `</s>`
-    (EOS) and `<unk>`, then `words` in order; text splits on whitespace, and decoding joins the
-    words with spaces. (No BOS token, as the official code tokenises without special tokens.)"""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    (EOS) and `<unk>`, then `words` in order; decoding joins the words with spaces. (No BOS token,
+    as the official code tokenises without special tokens.)
+
+    Text is NFKC-normalised and lower-cased, then split on whitespace and around every punctuation
+    mark, so that "What is X?" reads as "what is x ?": a tiny vocabulary cannot afford a token per
+    spelling. Each of `words` must therefore be one such piece (lower-case, no punctuation inside).
+
+    Raises:
+        ValueError: a word that the normalisation would change or split, which no text could reach.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocabulary = {word: index for index, word in enumerate(["<pad>", "</s>", "<unk>", *words])}
     word_level = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # NFKC first so that compatibility forms (full-width "？", ligatures) reach their plain letters.
+    word_level.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    word_level.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    _check_reachable(word_level, words)
     return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _check_reachable(word_level, words: list[str]) -> None:
+    # A word the normaliser rewrites would be a dead row of the embedding matrix, and its text <unk>.
+    for word in words:
+        pieces = word_level.pre_tokenizer.pre_tokenize_str(word_level.normalizer.normalize_str(word))
+        if [piece for piece, _ in pieces] != [word]:
+            raise InvalidInputError(
+                f"word_level_tokenizer: the word {word!r} reads as {[piece for piece, _ in pieces]} after "
+                "normalisation (NFKC, lower case, punctuation split off): pass words as that leaves them",
+                field="words",
+            )
