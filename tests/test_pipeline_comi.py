@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -177,8 +178,11 @@ def test_saved_model_directory_infers_the_task(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     assert (tmp_path / "pipeline_comi.py").exists()
     assert "custom_pipelines" not in model.config.to_dict()
-    inferred = pipeline(model=str(tmp_path), trust_remote_code=True)
+    assert "comi-qa" in json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]
+    # With comi_hf imported, its registered pipeline serves the task (no remote code); the task is
+    # inferred from the directory where comi_hf is not installed (test_remote_code.py).
+    registered = pipeline(PIPELINE_TASK, model=str(tmp_path))
     named = pipeline(PIPELINE_TASK, model=str(tmp_path), trust_remote_code=True)
     in_memory = pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer)
-    results = [p(context=CONTEXT, question=QUESTIONS[1], max_new_tokens=5) for p in (inferred, named, in_memory)]
+    results = [p(context=CONTEXT, question=QUESTIONS[1], max_new_tokens=5) for p in (registered, named, in_memory)]
     assert results[0] == results[1] == results[2]

@@ -334,7 +334,9 @@ class COMICompressionModel(COMIPreTrainedModel):
         # Where the encoder runs (inputs may sit elsewhere when accelerate dispatches the model).
         same_length_only = self.encoder.get_input_embeddings().weight.device.type == "cpu"
         hidden, key_values, start = None, None, 0
-        bar = tqdm(total=num_rows, desc="Encoding", unit="segment", file=sys.stderr, disable=not show_progress or num_rows < 2)
+        bar = tqdm(
+            total=num_rows, desc="Encoding", unit="segment", file=sys.stderr, disable=not show_progress or num_rows < 2
+        )
         while start < num_rows:
             end = start + 1
             while (

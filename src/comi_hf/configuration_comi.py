@@ -187,16 +187,18 @@ class COMIConfig(PreTrainedConfig):
 
 
 def _drop_registered_pipeline(config: COMIConfig) -> None:
-    """Drop the saved `custom_pipelines` entry of a task that is already registered in this process.
+    """Drop the saved `custom_pipelines` entry of a task the installed comi_hf has registered.
 
     A saved COMI directory names its pipeline for `pipeline(model=directory, trust_remote_code=True)`
-    where comi_hf is not installed. Where the task is registered (comi_hf imported), transformers
-    would still demand `trust_remote_code` for a task the config names, though the registered
-    pipeline serves it: without the entry, `pipeline("comi-qa", model=directory)` just works.
+    where comi_hf is not installed. Where comi_hf is imported, transformers would still demand
+    `trust_remote_code` for a task the config names, though the registered pipeline (the same code)
+    serves it: without the entry, `pipeline("comi-qa", model=directory)` just works. A config read
+    with remote code (this file loaded from the directory, not from the package) keeps the entry,
+    so that `trust_remote_code=True` still infers the task and loads the shipped pipeline.
     """
     entries = getattr(config, "custom_pipelines", None)
     pipelines = sys.modules.get("transformers.pipelines")
-    if not entries or pipelines is None:
+    if not entries or pipelines is None or not __name__.startswith("comi_hf."):
         return
     registered = set(pipelines.PIPELINE_REGISTRY.get_supported_tasks())
     remaining = {task: entry for task, entry in entries.items() if task not in registered}
