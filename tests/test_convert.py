@@ -231,3 +231,27 @@ def test_mismatches_are_refused_with_the_offending_keys(backbone_dir, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     done = _run_cli([str(tmp_path / "pytorch_model.bin"), *base], tmp_path, in_process=True)
     assert done.returncode == 2 and "only safetensors" in done.stderr
+
+    # A scaling that is infinite in float32 would write non-finite weights (1e308 / 4 overflows it).
+    for alpha in ("inf", "1e308", "2e39"):
+        done = _run_cli([str(tmp_path / "model.safetensors"), *base[:-2], "--lora-alpha", alpha], tmp_path, True)
+        assert done.returncode == 2 and "--lora-alpha must be a number > 0 whose scaling" in done.stderr, done.stderr
+    # A scaling that fits float32 can still overflow the merged weights: those are checked too.
+    done = _run_cli([str(tmp_path / "model.safetensors"), *base[:-2], "--lora-alpha", "1e39"], tmp_path, True)
+    assert done.returncode == 2 and "the merged weights: `decoder." in done.stderr, done.stderr
+    infinite = dict(state)
+    name = next(key for key in state if key.startswith("encoder.model.layers.0."))
+    infinite[name] = state[name].clone()
+    infinite[name].view(-1)[3] = float("inf")
+    save_file(infinite, tmp_path / "inf.safetensors")
+    done = _run_cli([str(tmp_path / "inf.safetensors"), *base], tmp_path, in_process=True)
+    assert done.returncode == 2 and f"`{name}` holds 1 NaN or infinite value(s)" in done.stderr
+    (tmp_path / "a_file").write_text("")
+    out_is_file = [str(tmp_path / "model.safetensors"), *base]
+    out_is_file[out_is_file.index("--output-dir") + 1] = str(tmp_path / "a_file")
+    done = _run_cli(out_is_file, tmp_path, in_process=True)
+    assert done.returncode == 2 and "exists and is not a directory" in done.stderr
+    no_backbone = [str(tmp_path / "model.safetensors"), *base]
+    no_backbone[no_backbone.index("--backbone") + 1] = "/nonexistent/bb"
+    done = _run_cli(no_backbone, tmp_path, in_process=True)
+    assert done.returncode == 2 and "no such backbone directory: /nonexistent/bb" in done.stderr

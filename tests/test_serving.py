@@ -109,6 +109,17 @@ def test_export_refuses_what_vllm_cannot_serve(tmp_path):
         tiny_comi().double().export_decoder(tmp_path / "double")
 
 
+def test_export_command_refuses_an_output_that_is_a_file(saved, tmp_path, capsys):
+    from comi_hf_cli import comi_export_decoder
+
+    directory, _ = saved
+    (tmp_path / "a_file").write_text("")
+    assert comi_export_decoder([str(directory), str(tmp_path / "a_file")]) == 2
+    assert (
+        capsys.readouterr().err == f"comi-export-decoder: error: {tmp_path / 'a_file'} exists and is not a directory\n"
+    )
+
+
 def test_context_encodings_split_and_join_without_changing_a_result():
     model = tiny_comi(segment_size=16)
     batch = random_batch()

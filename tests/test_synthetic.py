@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 
 import pytest
@@ -61,6 +62,35 @@ def test_command_writes_the_official_format(tmp_path):
         ["comi-synth", "--split", "test", "--num-docs", "0", "--output", str(output)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "error" in bad.stderr
+    # An unbounded document is refused at once, before anything is made.
+    huge = subprocess.run(
+        ["comi-synth", "--split", "test", "--num-docs", "1", "--words", "1000000000", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert huge.returncode == 2 and huge.stderr.startswith("comi-synth: error: --words must be from 16 to 1000000")
+    # `--output -` with stdout closed (`>&-`): one line, no traceback.
+    closed = subprocess.run(
+        ["comi-synth", "--split", "test", "--num-docs", "2", "--output", "-"],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert (
+        closed.returncode == 2
+        and closed.stderr == "comi-synth: error: stdout is closed: there is nowhere to write the results\n"
+    )
+
+
+def test_documents_are_written_as_they_are_made(tmp_path):
+    """The command's output is the split, line for line, whether written to a file or stdout."""
+    from comi_hf_cli import comi_synth
+
+    comi_synth(["--split", "validation", "--num-docs", "3", "--words", "64", "--output", str(tmp_path / "v.jsonl")])
+    expected = [json.dumps(document.record()) for document in make_split("validation", 3, 64)]
+    assert (tmp_path / "v.jsonl").read_text().splitlines() == expected
 
 
 @pytest.mark.parametrize("words", [32, 256, 1024])
