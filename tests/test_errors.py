@@ -7,6 +7,8 @@ model loading use them (the CLI's side is in test_cli.py, the server's in test_s
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -278,3 +280,13 @@ def test_word_level_tokenizer_is_the_edge_of_a_text_with_unknown_words():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_inputs({"context": "Zebras ate purple umbrellas", "question": "Where?"}, tok, VOCAB)
+
+
+def test_the_errors_doc_runs_as_written():
+    doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    block = doc.split("```python\n")[1].split("```")[0]
+    said = doc.split("prints ``")[1].split("``")[0]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(block, "docs/errors.md", "exec"), {})
+    assert output.getvalue() == said + "\n"
