@@ -353,7 +353,7 @@ def test_from_backbone_refuses_a_checkpoint_that_does_not_match(tmp_path):
     config = backbone.config
     config.hidden_size = 64
     config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="is not a backbone matching its own config"):
         COMIForConditionalGeneration.from_backbone(tmp_path, encoder_layers=2)
 
 

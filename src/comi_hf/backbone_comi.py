@@ -10,22 +10,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 
 import torch
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from .compressor_comi import COMIPreTrainedModel, loading_report
+from .compressor_comi import NOT_IN_BACKBONE, COMIPreTrainedModel
 from .configuration_comi import COMIConfig
 from .errors_comi import ModelLoadError
 
 __all__ = ["copy_backbone_into_encoder_and_lsa", "load_backbone"]
-
-# Where a plain decoder-only checkpoint's weights go inside COMI.
-_BACKBONE_KEY_MAPPING = {r"^model\.": "decoder.model.", r"^lm_head\.": "decoder.lm_head."}
-# Parts of COMI that a plain backbone checkpoint cannot contain.
-_NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
 
 
 def load_backbone(
@@ -54,24 +48,19 @@ def load_backbone(
     report_logger = hf_logging.get_logger("transformers.modeling_utils")
     report_logger.addFilter(_drop_loading_report)
     try:
-        # transformers' own loading, not COMI's (which refuses the missing encoder and LSA).
-        model, loading_info = super(COMIPreTrainedModel, cls).from_pretrained(
+        # The checkpoint's `model.*` / `lm_head.*` weights load into `decoder.*` (COMI's
+        # `base_model_prefix`); the encoder, LSA and MIG weights are new.
+        model, _ = cls.load_checked(
             pretrained_model_name_or_path,
             config=config,
-            key_mapping=_BACKBONE_KEY_MAPPING,
-            output_loading_info=True,
+            expected_missing=NOT_IN_BACKBONE,
+            what="a backbone matching its own config",
             ignore_mismatched_sizes=True,
             **loading,
             **hub,
         )
     finally:
         report_logger.removeFilter(_drop_loading_report)
-    problems = loading_report(loading_info, expected_missing=_NOT_IN_BACKBONE)
-    if problems:
-        raise ModelLoadError(f"{pretrained_model_name_or_path} does not match its own config as a backbone: {problems}")
-    # transformers remembers the key mapping used to load and reverts it on save; this model
-    # must save in its own layout (decoder.*, encoder.*), like one built from scratch.
-    vars(model).pop("_weight_conversions", None)
     # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
     # only to weights found in the checkpoint.
     model.compressor.float()

@@ -13,6 +13,7 @@ query ids ───┘                                                      │
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -24,6 +25,7 @@ from transformers.utils.logging import tqdm
 
 from .configuration_comi import COMIConfig, draw_merge_size
 from .errors_comi import InvalidInputError, ModelLoadError, NonFiniteError
+from .generation_comi import saved_generation_config
 from .mig import mig_compress
 from .packing import (
     COMIContextEncoding,
@@ -58,6 +60,10 @@ MIG_OPTIONS = (
     "alpha_merge",
     "beta_merge",
 )
+
+
+# The parts of COMI that a plain decoder-only (backbone) checkpoint cannot contain.
+NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
 
 
 class COMIMIGCompressor(nn.Module):
@@ -103,7 +109,9 @@ class COMIMIGCompressor(nn.Module):
 class COMIPreTrainedModel(PreTrainedModel):
     config_class = COMIConfig
     config: COMIConfig
-    base_model_prefix = ""
+    # A plain decoder-only checkpoint (`model.*`, `lm_head.*`) loads into COMI's decoder:
+    # transformers adds this prefix to keys that only exist under it (`from_backbone`).
+    base_model_prefix = "decoder"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -126,26 +134,46 @@ class COMIPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
-        """Load a COMI checkpoint; weights missing from it, or left over, are an error, not a warning.
+        """Load a COMI checkpoint; weights missing from it, left over, or not finite are an error.
 
         Takes every argument of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
-        `attn_implementation`, Hub options, ...). To start from a plain decoder-only
-        checkpoint, use [`~COMIForConditionalGeneration.from_backbone`].
+        `attn_implementation`, Hub options, ...). The generation settings are the saved ones, or
+        the official evaluation's where none were saved (a converted checkpoint). To start from a
+        plain decoder-only checkpoint, use [`~COMIForConditionalGeneration.from_backbone`].
+        """
+        model, loading_info = cls.load_checked(pretrained_model_name_or_path, *args, **kwargs)
+        model.generation_config = saved_generation_config(pretrained_model_name_or_path, kwargs, model.config)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def load_checked(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        expected_missing: re.Pattern | None = None,
+        what: str = "a matching COMI checkpoint",
+        **kwargs,
+    ):
+        """transformers' `from_pretrained`, then COMI's loading policy; returns the model and its loading info.
+
+        Every weight of the model must come from the checkpoint (but those matching
+        `expected_missing`: a backbone checkpoint has no encoder), every checkpoint weight must be
+        used and match its shape, and every weight must be finite; otherwise a `ModelLoadError`
+        says the source is not `what` and names the weights. `from_pretrained` and `from_backbone`
+        load through here.
         """
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        problems = loading_report(loading_info)
-        if not problems:
-            check_finite_weights(model, pretrained_model_name_or_path)
+        problems = loading_report(loading_info, expected_missing)
         if problems:
             hint = ""
-            if any(key.startswith("model.") for key in loading_info.get("unexpected_keys", ())):
+            missing = loading_info.get("missing_keys", ())
+            if missing and all(NOT_IN_BACKBONE.match(key) for key in missing):
                 hint = " It looks like a plain decoder-only checkpoint: build COMI from it with `from_backbone`."
-            raise ModelLoadError(
-                f"{pretrained_model_name_or_path} is not a matching COMI checkpoint: {problems}.{hint}"
-            )
-        return (model, loading_info) if output_loading_info else model
+            raise ModelLoadError(f"{pretrained_model_name_or_path} is not {what}: {problems}.{hint}")
+        check_finite_weights(model, pretrained_model_name_or_path)
+        return model, loading_info
 
 
 class COMICompressionModel(COMIPreTrainedModel):

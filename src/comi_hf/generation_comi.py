@@ -31,6 +31,7 @@ __all__ = [
     "check_stop_strings",
     "official_generation_config",
     "resolve_generation_settings",
+    "saved_generation_config",
     "serving_generation_config",
     "update_generation_config",
     "warn_past_positions",
@@ -143,6 +144,20 @@ def check_stop_strings(stop_strings: str | list[str] | None, tokenizer) -> None:
             f"spell ({error}); stop on token ids with `eos_token_id=[...]` instead.",
             field="stop_strings",
         ) from None
+
+
+# The `from_pretrained` arguments that say where a checkpoint's files are.
+_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+def saved_generation_config(pretrained_model_name_or_path, loading_kwargs: dict, config) -> GenerationConfig:
+    """The generation settings saved beside a checkpoint, else the official evaluation's (a
+    checkpoint converted from the official code saves none)."""
+    hub = {name: loading_kwargs[name] for name in _HUB_OPTIONS if name in loading_kwargs}
+    try:
+        return GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+    except OSError:
+        return official_generation_config(config)
 
 
 def resolve_generation_settings(

@@ -96,21 +96,6 @@ class COMIForConditionalGeneration(COMICompressionModel, GenerationMixin):
         self.loss_type = None
         self.generation_config = official_generation_config(config)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a COMI checkpoint; weights missing from it, or left over, are an error, not a warning.
-
-        Takes every argument of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
-        `attn_implementation`, Hub options, ...). To start from a plain decoder-only
-        checkpoint, use [`~COMIForConditionalGeneration.from_backbone`].
-        """
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if getattr(model.generation_config, "_from_model_config", False):
-            # No generation_config.json (e.g. a converted checkpoint): the official settings.
-            model.generation_config = official_generation_config(model.config)
-        return loaded
-
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
 
@@ -354,31 +339,24 @@ class COMIPromptEncoder(COMICompressionModel):
     """
 
     def _add_decoder_side(self, config: COMIConfig) -> None:
-        text_config = config.get_text_config()
-        self.embed_tokens = nn.Embedding(text_config.vocab_size, text_config.hidden_size)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        config = kwargs.get("config")
-        if not isinstance(config, COMIConfig):
-            config = COMIConfig.from_pretrained(pretrained_model_name_or_path, **_hub_subset(kwargs))
+        # The decoder's embedding table at the path it has in the whole model (e.g.
+        # `decoder.model.embed_tokens`), so that a COMI checkpoint loads as it is; the decoder's
+        # other weights in it are left unread.
         with torch.device("meta"):
             decoder = AutoModelForCausalLM.from_config(config.get_text_config())
-        table = next(name for name, module in decoder.named_modules() if module is decoder.get_input_embeddings())
-        key_mapping = {rf"^decoder\.{re.escape(table)}\.": "embed_tokens.", **kwargs.pop("key_mapping", {})}
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, key_mapping=key_mapping, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        # The settings answers are generated with (elsewhere): the saved ones, else the official ones.
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(
-                pretrained_model_name_or_path, **_hub_subset(kwargs)
-            )
-        except OSError:
-            model.generation_config = official_generation_config(model.config)
-        return loaded
+        table = decoder.get_input_embeddings()
+        path = next(name for name, module in decoder.named_modules() if module is table)
+        self.decoder = _modules_holding(path, nn.Embedding(table.num_embeddings, table.embedding_dim))
+        self._keys_to_ignore_on_load_unexpected = [rf"^decoder\.(?!{re.escape(path)}\.)"]
+        self._embedding_path = f"decoder.{path}"
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_submodule(self._embedding_path)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The decoder's token embedding table."""
+        return self.get_input_embeddings()
 
     @torch.no_grad()
     def prompt_embeds(
@@ -416,11 +394,16 @@ class COMIPromptEncoder(COMICompressionModel):
 
 
 # ---------------------------------------------------------------------- helpers
-_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "force_download")
-
-
-def _hub_subset(kwargs: dict) -> dict:
-    return {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
+def _modules_holding(path: str, leaf: nn.Module) -> nn.Module:
+    """Empty modules nested along the dotted `path`, with `leaf` at its end."""
+    *parents, name = path.split(".")
+    root = node = nn.Module()
+    for part in parents:
+        child = nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(name, leaf)
+    return root
 
 
 def _memory_and_query(
