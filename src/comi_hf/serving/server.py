@@ -186,8 +186,8 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
         try:
             sampling = vllm_sampling(client.prompt_encoder.generation_config, seed=body.seed, **settings)
             questions, spans = client.questions(inputs, body.merge_size, sampling.max_tokens)
+            await client.check_decoder(sampling)
             embeds = await batcher.prompt_embeds(questions, body.merge_size)
-            await client.connect()
             completions = await client.decoder.complete_many(embeds, sampling)
         except COMIError as problem:
             if isinstance(problem, DecoderUnavailableError):
