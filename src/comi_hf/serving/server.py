@@ -215,12 +215,15 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
 
 def check_url(url: str) -> str:
     """`url` if it is an http(s) URL with a host (a vLLM server's base URL)."""
-    parts = urllib.parse.urlsplit(url)
     try:
-        parts.port  # noqa: B018 (raises on a port that is not a number or out of range)
+        # urlsplit raises on a bracketed host left open ("http://[::1"), .port on a port that is
+        # not a number or out of range.
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018
     except ValueError as error:
         raise UsageError(f"--vllm-url {url!r}: {error}", field="vllm_url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # urlsplit keeps spaces in a host ("http://exa mple"), which no server has.
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise UsageError(
             f"--vllm-url {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000", field="vllm_url"
         )
