@@ -241,3 +241,31 @@ def test_a_penalised_request_is_refused_before_any_compression_without_the_proce
         assert len(bodies) == 3 and "vllm_xargs" not in bodies[-1]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "extra,param,message",
+    [
+        ({"max_new_tokens": 2.0}, "max_new_tokens", "valid integer"),  # strict: not made 2
+        ({"merge_size": True}, "merge_size", "valid integer"),  # nor a boolean 1
+        ({"context": [True, False]}, "context", "valid integer"),  # nor booleans token ids
+        ({"temperature": "0.5", "do_sample": True}, "temperature", "valid number"),
+        ({"seed": 2**64}, "seed", "`seed` must be an integer"),  # vLLM's limit, checked here
+        ({"num_beams": 2}, "num_beams", "no beam search"),
+        ({"beams": 2}, "beams", "Extra inputs"),
+    ],
+)
+def test_comi_serve_refuses_a_body_naming_the_field_before_compressing(saved, tokenizer, extra, param, message):
+    from fastapi.testclient import TestClient
+
+    from comi_hf.serving.server import create_app
+
+    directory, _ = saved
+    decoder, _ = _fake_vllm("refused")
+    client = COMIServingClient(COMIPromptEncoder.from_pretrained(directory), tokenizer, decoder)
+    with TestClient(create_app(client)) as http:
+        answer = http.post("/v1/answer", json={"context": "a text", "question": "q ?", **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and message in error["message"] and isinstance(error["code"], str)
+    assert client.cache.stats()["misses"] == 0

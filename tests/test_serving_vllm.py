@@ -249,25 +249,47 @@ def test_comi_serve_encodes_a_document_once(service):
     assert after["entries"] >= 1 and 0 < after["bytes"] <= after["max_bytes"]
 
 
+ASK = {"context": "a text", "question": "q ?"}
+
+
 @pytest.mark.parametrize(
-    "body,raw,key,status,message",
+    "body,raw,key,status,param,message",
     [
-        (None, b"{not json", "secret", 400, "JSON"),
-        ({"context": "  ", "question": "q ?"}, None, "secret", 400, "`context` is empty"),
-        ({"context": "a text", "question": ""}, None, "secret", 400, "`question` is empty"),
-        ({"context": "a text"}, None, "secret", 400, "exactly one of `question` and `questions`"),
-        ({"context": "a text", "question": "q", "questions": ["q"]}, None, "secret", 400, "exactly one of"),
-        ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "more than the limit of 400"),
-        ({"context": "a text", "question": "q ?", "merge_size": 0}, None, "secret", 400, "merge_size"),
-        ({"context": "a text", "question": "q ?", "merge_size": "four"}, None, "secret", 400, "merge_size"),
-        ({"context": "a text", "question": "q ?", "num_beams": 2}, None, "secret", 400, "no beam search"),
-        ({"context": "a text", "question": "q ?", "beams": 2}, None, "secret", 400, "beams: Extra inputs"),
-        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "outside the model's vocabulary"),
-        ({"context": "a text", "question": "q ?"}, None, None, 401, "API key"),
-        ({"context": "a text", "question": "q ?"}, None, "wrong", 401, "API key"),
+        (None, b"{not json", "secret", 400, None, "JSON"),
+        ({"context": "  ", "question": "q ?"}, None, "secret", 400, "context", "`context` is empty"),
+        ({"context": "a text", "question": ""}, None, "secret", 400, "question", "`question` is empty"),
+        ({"context": "a text"}, None, "secret", 400, "question", "exactly one of `question` and `questions`"),
+        ({**ASK, "questions": ["q"]}, None, "secret", 400, "question", "exactly one of"),
+        ({"context": "a text", "questions": []}, None, "secret", 400, "questions", "non-empty list"),
+        ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "context", "limit of 400"),
+        ({**ASK, "merge_size": 0}, None, "secret", 400, "merge_size", "merge_size"),
+        ({**ASK, "merge_size": "four"}, None, "secret", 400, "merge_size", "merge_size"),
+        # Past int64 (torch's index arithmetic): these were a plain-text 500.
+        ({**ASK, "merge_size": 10**30}, None, "secret", 400, "merge_size", "from 1 to 2147483647"),
+        ({**ASK, "merge_size": 2**63}, None, "secret", 400, "merge_size", "from 1 to 2147483647"),
+        ({**ASK, "num_beams": 2}, None, "secret", 400, "num_beams", "no beam search"),
+        ({**ASK, "beams": 2}, None, "secret", 400, "beams", "beams: Extra inputs"),
+        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "context", "outside the model's vocabulary"),
+        # json.dumps writes NaN as the bare token `NaN`, which the server's JSON parser takes (was a 500).
+        ({**ASK, "temperature": float("nan"), "do_sample": True}, None, "secret", 400, "temperature", "finite"),
+        ({**ASK, "temperature": 0, "do_sample": True}, None, "secret", 400, "temperature", "greedy"),
+        ({**ASK, "top_p": 2, "do_sample": True}, None, "secret", 400, "top_p", "<= 1"),
+        ({**ASK, "do_sample": "yes"}, None, "secret", 400, "do_sample", "valid boolean"),
+        # Strict: neither 2.5 nor 2.0 is made 2, nor a boolean a token id.
+        ({**ASK, "max_new_tokens": 2.5}, None, "secret", 400, "max_new_tokens", "valid integer"),
+        ({**ASK, "max_new_tokens": 2.0}, None, "secret", 400, "max_new_tokens", "valid integer"),
+        ({"context": [True, False], "question": "q ?"}, None, "secret", 400, "context", "valid integer"),
+        ({**ASK, "seed": 10**30}, None, "secret", 400, "seed", "`seed` must be an integer"),
+        # A lone surrogate: the tokenizer's `TextEncodeInput must be Union[...]` before.
+        (None, b'{"context": "a text", "question": "\\ud800"}', "secret", 400, "question", "lone surrogate"),
+        # Zero-width spaces only: was answered as a one-token context.
+        ({"context": "\u200b\u200b", "question": "q ?"}, None, "secret", 400, "context", "`context` is empty"),
+        (ASK, None, None, 401, None, "API key"),
+        (ASK, None, "wrong", 401, None, "API key"),
     ],
 )
-def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw, key, status, message):
+def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw, key, status, param, message):
+    before = _get(service["url"] + "/health")[1]["cache"]
     got, result = _post(service["url"], body, key=key, raw=raw)
     assert got == status, result
     assert message in result["error"]["message"]
