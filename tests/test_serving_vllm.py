@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import tiny_comi
@@ -293,6 +294,70 @@ def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw
     got, result = _post(service["url"], body, key=key, raw=raw)
     assert got == status, result
     assert message in result["error"]["message"]
+    assert result["error"].get("param") == param and isinstance(result["error"]["code"], str), result
+    # Refused before any compression: the encoded-context cache was not even asked.
+    after = _get(service["url"] + "/health")[1]["cache"]
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+def _environment_without_comi_hf(venv: Path, target: Path) -> str:
+    """A copy of vLLM's environment without comi_hf (so without its logits processor), made of
+    symbolic links: the shared environment is left as it is, and nothing is copied but names.
+    Returns its Python."""
+    (target / "bin").mkdir(parents=True)
+    shutil.copy(venv / "pyvenv.cfg", target)
+    # The base interpreter, run from inside `target`, finds `target/pyvenv.cfg` and so its site-packages.
+    (target / "bin" / "python").symlink_to(os.path.realpath(venv / "bin" / "python"))
+    for packages in venv.glob("lib/python3*/site-packages"):
+        copy = target / packages.relative_to(venv)
+        copy.mkdir(parents=True)
+        for entry in packages.iterdir():
+            if "comi_hf" not in entry.name.lower().replace("-", "_"):  # the package, its dist-info, its modules
+                (copy / entry.name).symlink_to(entry)
+    return str(target / "bin" / "python")
+
+
+def test_a_vllm_server_without_comi_hfs_processor(served, service, tokenizer, tmp_path):
+    """vLLM 0.32 without comi_hf in its environment takes `vllm_xargs` it has no processor for and
+    drops them (it answers 200): comi-serve and the client find that out once, refuse a penalised
+    request (the default, 1.3) with a 400 naming the processor before compressing anything, and
+    answer a request with repetition_penalty 1.0. Starts a second vLLM server: about a minute on two
+    CPU cores."""
+    assert _get(service["url"] + "/health")[1]["decoder"]["output_repetition_penalty"] is True
+    python = _environment_without_comi_hf(Path(VLLM_PYTHON).parents[1], tmp_path / "venv")
+    # Nor from a checkout on PYTHONPATH (a source tree with comi_hf's metadata has the entry point).
+    env = {"PYTHONPATH": ""}
+    plugins = "from importlib.metadata import entry_points; print(len(entry_points(group='vllm.logits_processors')))"
+    probe = subprocess.run([python, "-c", plugins], capture_output=True, text=True, env={**os.environ, **env})
+    assert probe.stdout.strip() == "0", probe.stdout + probe.stderr  # what vLLM loads its processors from
+    decoder = served["root"] / "decoder"
+    with VLLMServer(python, decoder, max_model_len=1024, env=env, log=tmp_path / "vllm.log") as plain:
+        process, url = _start_comi_serve(served, [plain])
+        try:
+            status, health = _get(url + "/health")
+            assert status == 200 and health["decoder"]["output_repetition_penalty"] is False, health
+            status, result = _post(url, {"context": CONTEXTS[1], "question": QUESTIONS[0]})
+            assert status == 400, result
+            error = result["error"]
+            assert (error["code"], error["param"]) == ("unsupported_setting", "repetition_penalty")
+            for named in ("comi_hf_vllm.OutputRepetitionPenalty", "pip install --no-deps comi_hf", "penalty 1.0"):
+                assert named in error["message"]
+            assert _get(url + "/health")[1]["cache"]["misses"] == 0  # refused before compressing
+            body = {"context": CONTEXTS[1], "question": QUESTIONS[0], "repetition_penalty": 1.0}
+            status, result = _post(url, {**body, "max_new_tokens": NEW_TOKENS, "return_token_ids": True})
+            assert status == 200, result
+            expected, _ = _generated(served["model"], tokenizer, CONTEXTS[1], QUESTIONS[0], 4, repetition_penalty=1.0)
+            assert result["token_ids"] == expected
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=plain.url)
+        try:
+            with pytest.raises(UnsupportedSettingError, match="OutputRepetitionPenalty") as refused:
+                client.answer(context=CONTEXTS[1], question=QUESTIONS[0], repetition_penalty=1.3)
+            assert refused.value.field == "repetition_penalty" and client.cache.stats()["misses"] == 0
+        finally:
+            client.close()
 
 
 def test_comi_serve_answers_503_while_vllm_is_away_and_recovers(service):
