@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 import torch
 from conftest import random_batch, tiny_comi
@@ -15,11 +16,12 @@ from comi_hf import (
     COMIContextEncoding,
     COMIForConditionalGeneration,
     COMIPromptEncoder,
+    DecoderError,
     InvalidInputError,
     UnsupportedSettingError,
 )
 from comi_hf.packing import decoder_inputs
-from comi_hf.serving import EncodedContextCache, VLLMServerDecoder, vllm_sampling
+from comi_hf.serving import COMIServingClient, EncodedContextCache, VLLMServerDecoder, vllm_sampling
 from comi_hf.training import prepare_for_training
 
 
@@ -191,5 +193,91 @@ def test_a_server_without_comi_hfs_penalty_processor_gets_no_penalised_request()
     decoder = VLLMServerDecoder("http://127.0.0.1:9")  # never contacted
     decoder.has_output_penalty = False
     official = GenerationConfig(do_sample=False, max_new_tokens=4, repetition_penalty=1.3)
-    with pytest.raises(UnsupportedSettingError, match="lacks comi_hf's repetition-penalty processor"):
+    with pytest.raises(UnsupportedSettingError, match="comi_hf_vllm.OutputRepetitionPenalty") as refused:
         asyncio.run(decoder.complete(torch.zeros(3, 8), vllm_sampling(official)))
+    assert (refused.value.status, refused.value.field) == (400, "repetition_penalty")
+
+
+def _fake_vllm(penalty: str) -> tuple[VLLMServerDecoder, list[dict]]:
+    """A `VLLMServerDecoder` talking to a stand-in for vLLM 0.32 (no network): `penalty` is
+    "ignored" (no comi_hf processor: vLLM drops the unknown extra argument and answers 200),
+    "refused" (the processor refuses a penalty <= 0: 400) or "no embeds" (every prompt refused).
+    Returns the decoder and the list the completion requests' bodies are appended to."""
+    bodies = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "decoder"}]})
+        body = json.loads(request.content)
+        bodies.append(body)
+        penalty_value = body.get("vllm_xargs", {}).get("comi_repetition_penalty", 1.0)
+        if penalty == "no embeds" or (penalty == "refused" and penalty_value <= 0):
+            # Worded as nothing comi_hf could recognise: the probe goes by the status alone.
+            return httpx.Response(400, json={"error": {"message": "Bad Request", "code": 400}})
+        return httpx.Response(200, json={"choices": [{"index": 0, "token_ids": [0], "finish_reason": "stop"}]})
+
+    decoder = VLLMServerDecoder("http://vllm.test")
+    decoder._client = httpx.AsyncClient(base_url=decoder.url, transport=httpx.MockTransport(answer))
+    return decoder, bodies
+
+
+def test_the_penalty_probe_goes_by_status_not_wording():
+    ignored, _ = _fake_vllm("ignored")
+    assert asyncio.run(ignored.connect(8))["output_repetition_penalty"] is False
+    refused, _ = _fake_vllm("refused")
+    assert asyncio.run(refused.connect(8))["output_repetition_penalty"] is True
+    broken, _ = _fake_vllm("no embeds")
+    with pytest.raises(DecoderError, match="does not decode prompt embeddings of hidden size 8") as failed:
+        asyncio.run(broken.connect(8))
+    assert failed.value.status == 502  # the server's setup is at fault, not the request
+
+
+def test_a_penalised_request_is_refused_before_any_compression_without_the_processor(saved, tokenizer):
+    directory, _ = saved
+    decoder, bodies = _fake_vllm("ignored")
+    client = COMIServingClient(COMIPromptEncoder.from_pretrained(directory), tokenizer, decoder)
+    try:
+        with pytest.raises(UnsupportedSettingError) as refused:
+            client.answer(context="the code of red river is 4 8 2 1 .", question="what is the code ?")
+        assert client.cache.stats()["misses"] == 0  # refused before anything was compressed
+        problem = refused.value
+        assert (problem.status, problem.code, problem.field) == (400, "unsupported_setting", "repetition_penalty")
+        for named in ("repetition_penalty of 1.3", "comi_hf_vllm.OutputRepetitionPenalty", "pip install --no-deps"):
+            assert named in str(problem)
+        assert "repetition_penalty 1.0" in str(problem)
+        assert [body["max_tokens"] for body in bodies] == [1, 1]  # the two probes of `connect`, nothing else
+        result = client.answer(
+            context="the code of red river is 4 8 2 1 .", question="what is it ?", repetition_penalty=1.0
+        )
+        assert result["answer"] == "" and client.cache.stats()["misses"] == 1
+        assert len(bodies) == 3 and "vllm_xargs" not in bodies[-1]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "extra,param,message",
+    [
+        ({"max_new_tokens": 2.0}, "max_new_tokens", "valid integer"),  # strict: not made 2
+        ({"merge_size": True}, "merge_size", "valid integer"),  # nor a boolean 1
+        ({"context": [True, False]}, "context", "valid integer"),  # nor booleans token ids
+        ({"temperature": "0.5", "do_sample": True}, "temperature", "valid number"),
+        ({"seed": 2**64}, "seed", "`seed` must be an integer"),  # vLLM's limit, checked here
+        ({"num_beams": 2}, "num_beams", "no beam search"),
+        ({"beams": 2}, "beams", "Extra inputs"),
+    ],
+)
+def test_comi_serve_refuses_a_body_naming_the_field_before_compressing(saved, tokenizer, extra, param, message):
+    from fastapi.testclient import TestClient
+
+    from comi_hf.serving.server import create_app
+
+    directory, _ = saved
+    decoder, _ = _fake_vllm("refused")
+    client = COMIServingClient(COMIPromptEncoder.from_pretrained(directory), tokenizer, decoder)
+    with TestClient(create_app(client)) as http:
+        answer = http.post("/v1/answer", json={"context": "a text", "question": "q ?", **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and message in error["message"] and isinstance(error["code"], str)
+    assert client.cache.stats()["misses"] == 0

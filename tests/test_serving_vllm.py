@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import tiny_comi
@@ -249,28 +250,114 @@ def test_comi_serve_encodes_a_document_once(service):
     assert after["entries"] >= 1 and 0 < after["bytes"] <= after["max_bytes"]
 
 
+ASK = {"context": "a text", "question": "q ?"}
+
+
 @pytest.mark.parametrize(
-    "body,raw,key,status,message",
+    "body,raw,key,status,param,message",
     [
-        (None, b"{not json", "secret", 400, "JSON"),
-        ({"context": "  ", "question": "q ?"}, None, "secret", 400, "`context` is empty"),
-        ({"context": "a text", "question": ""}, None, "secret", 400, "`question` is empty"),
-        ({"context": "a text"}, None, "secret", 400, "exactly one of `question` and `questions`"),
-        ({"context": "a text", "question": "q", "questions": ["q"]}, None, "secret", 400, "exactly one of"),
-        ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "more than the limit of 400"),
-        ({"context": "a text", "question": "q ?", "merge_size": 0}, None, "secret", 400, "merge_size"),
-        ({"context": "a text", "question": "q ?", "merge_size": "four"}, None, "secret", 400, "merge_size"),
-        ({"context": "a text", "question": "q ?", "num_beams": 2}, None, "secret", 400, "no beam search"),
-        ({"context": "a text", "question": "q ?", "beams": 2}, None, "secret", 400, "beams: Extra inputs"),
-        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "outside the model's vocabulary"),
-        ({"context": "a text", "question": "q ?"}, None, None, 401, "API key"),
-        ({"context": "a text", "question": "q ?"}, None, "wrong", 401, "API key"),
+        (None, b"{not json", "secret", 400, None, "JSON"),
+        ({"context": "  ", "question": "q ?"}, None, "secret", 400, "context", "`context` is empty"),
+        ({"context": "a text", "question": ""}, None, "secret", 400, "question", "`question` is empty"),
+        ({"context": "a text"}, None, "secret", 400, "question", "exactly one of `question` and `questions`"),
+        ({**ASK, "questions": ["q"]}, None, "secret", 400, "question", "exactly one of"),
+        ({"context": "a text", "questions": []}, None, "secret", 400, "questions", "non-empty list"),
+        ({"context": " ".join(WORDS * 30), "question": "q ?"}, None, "secret", 413, "context", "limit of 400"),
+        ({**ASK, "merge_size": 0}, None, "secret", 400, "merge_size", "merge_size"),
+        ({**ASK, "merge_size": "four"}, None, "secret", 400, "merge_size", "merge_size"),
+        # Past int64 (torch's index arithmetic): these were a plain-text 500.
+        ({**ASK, "merge_size": 10**30}, None, "secret", 400, "merge_size", "from 1 to 2147483647"),
+        ({**ASK, "merge_size": 2**63}, None, "secret", 400, "merge_size", "from 1 to 2147483647"),
+        ({**ASK, "num_beams": 2}, None, "secret", 400, "num_beams", "no beam search"),
+        ({**ASK, "beams": 2}, None, "secret", 400, "beams", "beams: Extra inputs"),
+        ({"context": [5, 99999], "question": "q ?"}, None, "secret", 400, "context", "outside the model's vocabulary"),
+        # json.dumps writes NaN as the bare token `NaN`, which the server's JSON parser takes (was a 500).
+        ({**ASK, "temperature": float("nan"), "do_sample": True}, None, "secret", 400, "temperature", "finite"),
+        ({**ASK, "temperature": 0, "do_sample": True}, None, "secret", 400, "temperature", "greedy"),
+        ({**ASK, "top_p": 2, "do_sample": True}, None, "secret", 400, "top_p", "<= 1"),
+        ({**ASK, "do_sample": "yes"}, None, "secret", 400, "do_sample", "valid boolean"),
+        # Strict: neither 2.5 nor 2.0 is made 2, nor a boolean a token id.
+        ({**ASK, "max_new_tokens": 2.5}, None, "secret", 400, "max_new_tokens", "valid integer"),
+        ({**ASK, "max_new_tokens": 2.0}, None, "secret", 400, "max_new_tokens", "valid integer"),
+        ({"context": [True, False], "question": "q ?"}, None, "secret", 400, "context", "valid integer"),
+        ({**ASK, "seed": 10**30}, None, "secret", 400, "seed", "`seed` must be an integer"),
+        # A lone surrogate: the tokenizer's `TextEncodeInput must be Union[...]` before.
+        (None, b'{"context": "a text", "question": "\\ud800"}', "secret", 400, "question", "lone surrogate"),
+        # Zero-width spaces only: was answered as a one-token context.
+        ({"context": "\u200b\u200b", "question": "q ?"}, None, "secret", 400, "context", "`context` is empty"),
+        (ASK, None, None, 401, None, "API key"),
+        (ASK, None, "wrong", 401, None, "API key"),
     ],
 )
-def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw, key, status, message):
+def test_comi_serve_bad_requests_get_a_4xx_naming_the_problem(service, body, raw, key, status, param, message):
+    before = _get(service["url"] + "/health")[1]["cache"]
     got, result = _post(service["url"], body, key=key, raw=raw)
     assert got == status, result
     assert message in result["error"]["message"]
+    assert result["error"].get("param") == param and isinstance(result["error"]["code"], str), result
+    # Refused before any compression: the encoded-context cache was not even asked.
+    after = _get(service["url"] + "/health")[1]["cache"]
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+def _environment_without_comi_hf(venv: Path, target: Path) -> str:
+    """A copy of vLLM's environment without comi_hf (so without its logits processor), made of
+    symbolic links: the shared environment is left as it is, and nothing is copied but names.
+    Returns its Python."""
+    (target / "bin").mkdir(parents=True)
+    shutil.copy(venv / "pyvenv.cfg", target)
+    # The base interpreter, run from inside `target`, finds `target/pyvenv.cfg` and so its site-packages.
+    (target / "bin" / "python").symlink_to(os.path.realpath(venv / "bin" / "python"))
+    for packages in venv.glob("lib/python3*/site-packages"):
+        copy = target / packages.relative_to(venv)
+        copy.mkdir(parents=True)
+        for entry in packages.iterdir():
+            if "comi_hf" not in entry.name.lower().replace("-", "_"):  # the package, its dist-info, its modules
+                (copy / entry.name).symlink_to(entry)
+    return str(target / "bin" / "python")
+
+
+def test_a_vllm_server_without_comi_hfs_processor(served, service, tokenizer, tmp_path):
+    """vLLM 0.32 without comi_hf in its environment takes `vllm_xargs` it has no processor for and
+    drops them (it answers 200): comi-serve and the client find that out once, refuse a penalised
+    request (the default, 1.3) with a 400 naming the processor before compressing anything, and
+    answer a request with repetition_penalty 1.0. Starts a second vLLM server: about a minute on two
+    CPU cores."""
+    assert _get(service["url"] + "/health")[1]["decoder"]["output_repetition_penalty"] is True
+    python = _environment_without_comi_hf(Path(VLLM_PYTHON).parents[1], tmp_path / "venv")
+    # Nor from a checkout on PYTHONPATH (a source tree with comi_hf's metadata has the entry point).
+    env = {"PYTHONPATH": ""}
+    plugins = "from importlib.metadata import entry_points; print(len(entry_points(group='vllm.logits_processors')))"
+    probe = subprocess.run([python, "-c", plugins], capture_output=True, text=True, env={**os.environ, **env})
+    assert probe.stdout.strip() == "0", probe.stdout + probe.stderr  # what vLLM loads its processors from
+    decoder = served["root"] / "decoder"
+    with VLLMServer(python, decoder, max_model_len=1024, env=env, log=tmp_path / "vllm.log") as plain:
+        process, url = _start_comi_serve(served, [plain])
+        try:
+            status, health = _get(url + "/health")
+            assert status == 200 and health["decoder"]["output_repetition_penalty"] is False, health
+            status, result = _post(url, {"context": CONTEXTS[1], "question": QUESTIONS[0]})
+            assert status == 400, result
+            error = result["error"]
+            assert (error["code"], error["param"]) == ("unsupported_setting", "repetition_penalty")
+            for named in ("comi_hf_vllm.OutputRepetitionPenalty", "pip install --no-deps comi_hf", "penalty 1.0"):
+                assert named in error["message"]
+            assert _get(url + "/health")[1]["cache"]["misses"] == 0  # refused before compressing
+            body = {"context": CONTEXTS[1], "question": QUESTIONS[0], "repetition_penalty": 1.0}
+            status, result = _post(url, {**body, "max_new_tokens": NEW_TOKENS, "return_token_ids": True})
+            assert status == 200, result
+            expected, _ = _generated(served["model"], tokenizer, CONTEXTS[1], QUESTIONS[0], 4, repetition_penalty=1.0)
+            assert result["token_ids"] == expected
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=plain.url)
+        try:
+            with pytest.raises(UnsupportedSettingError, match="OutputRepetitionPenalty") as refused:
+                client.answer(context=CONTEXTS[1], question=QUESTIONS[0], repetition_penalty=1.3)
+            assert refused.value.field == "repetition_penalty" and client.cache.stats()["misses"] == 0
+        finally:
+            client.close()
 
 
 def test_comi_serve_answers_503_while_vllm_is_away_and_recovers(service):

@@ -32,8 +32,8 @@ from ..processing_comi import (
     prepare_inputs,
 )
 from .cache import EncodedContextCache
-from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder
-from .sampling import vllm_sampling
+from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder, missing_penalty_processor
+from .sampling import VLLMSampling, vllm_sampling
 
 __all__ = ["COMIServingClient", "Question"]
 
@@ -179,6 +179,15 @@ class COMIServingClient:
             self._connected = await self.decoder.connect(hidden_size)
         return self._connected
 
+    async def check_decoder(self, sampling: VLLMSampling) -> None:
+        """Connect (once) and refuse what the decoder cannot honour before any compression is spent
+        on it: a repetition penalty where vLLM lacks comi_hf's logits processor."""
+        connected = await self.connect()
+        if sampling.repetition_penalty != 1.0 and not connected["output_repetition_penalty"]:
+            raise missing_penalty_processor(
+                getattr(self.decoder, "url", "in this process"), sampling.repetition_penalty
+            )
+
     def forget_connection(self) -> None:
         """Check the decoder again at the next call (after it was found unreachable)."""
         self._connected = None
@@ -191,8 +200,8 @@ class COMIServingClient:
         generate_kwargs = kwargs
         sampling = vllm_sampling(self.prompt_encoder.generation_config, seed=seed, **generate_kwargs)
         questions, spans = self.questions(inputs, merge_size, sampling.max_tokens)
+        await self.check_decoder(sampling)
         embeds = await asyncio.to_thread(self.prompt_embeds, questions, merge_size)
-        await self.connect()
         completions = await self.decoder.complete_many(embeds, sampling)
         results = self.results(questions, spans, embeds, completions, return_token_ids)
         return results if isinstance(inputs, (list, tuple)) else results[0]

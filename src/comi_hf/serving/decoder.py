@@ -31,6 +31,7 @@ __all__ = [
     "VLLMReplicas",
     "VLLMServerDecoder",
     "encode_prompt_embeds",
+    "missing_penalty_processor",
 ]
 
 
@@ -47,6 +48,20 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     buffer = io.BytesIO()
     torch.save(embeds.detach().to("cpu").contiguous(), buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def missing_penalty_processor(url: str, penalty: float) -> UnsupportedSettingError:
+    """The refusal of a request whose repetition penalty the decoder at `url` cannot apply, because
+    comi_hf's logits processor is not installed in its environment."""
+    return UnsupportedSettingError(
+        f"a repetition_penalty of {penalty:g} (the model's default when a request sets none) needs comi_hf's "
+        f"repetition-penalty logits processor (comi_hf_vllm.OutputRepetitionPenalty, the "
+        f"`{REPETITION_PENALTY_ARG}` entry point of vllm.logits_processors), which the vLLM server at {url} lacks; "
+        "vLLM's own penalty would count placeholder prompt ids for prompt embeddings. Install comi_hf into vLLM's "
+        "environment (`pip install --no-deps comi_hf`) and restart the vLLM server, or ask with repetition_penalty "
+        "1.0.",
+        field="repetition_penalty",
+    )
 
 
 class VLLMServerDecoder:
@@ -97,14 +112,25 @@ class VLLMServerDecoder:
             self.model = names[0]
         elif self.model not in names:
             raise DecoderError(f"the vLLM server at {self.url} serves {names}, not {self.model}")
-        # The processor refuses a penalty <= 0; a server without it ignores the extra argument.
-        probe = {"max_tokens": 1, "temperature": 0.0, "vllm_xargs": {REPETITION_PENALTY_ARG: -1.0}}
+        # Two one-token probes, told apart by their status alone (vLLM's wording is not a contract):
+        # the first must pass, or the server cannot decode comi_hf's prompt embeddings at all; the
+        # second differs only by a penalty comi_hf's processor refuses (<= 0), which a server
+        # without the processor ignores (vLLM 0.32 answers 200 and drops the unknown extra argument).
+        probe = {"max_tokens": 1, "temperature": 0.0}
         try:
             await self._complete_raw(torch.zeros(1, hidden_size), probe)
+        except DecoderRefusedError as error:
+            # The server's setup, not the caller's request, is at fault: 502, not 400.
+            raise DecoderError(
+                f"the vLLM server at {self.url} does not decode prompt embeddings of hidden size {hidden_size} "
+                f"(is it serving this model's exported decoder with --enable-prompt-embeds?): {error}"
+            ) from error
+        try:
+            await self._complete_raw(
+                torch.zeros(1, hidden_size), {**probe, "vllm_xargs": {REPETITION_PENALTY_ARG: -1.0}}
+            )
             self.has_output_penalty = False
-        except DecoderError as error:
-            if isinstance(error, DecoderUnavailableError) or REPETITION_PENALTY_ARG not in str(error):
-                raise
+        except DecoderRefusedError:
             self.has_output_penalty = True
         return {"model": self.model, "output_repetition_penalty": self.has_output_penalty}
 
@@ -115,12 +141,7 @@ class VLLMServerDecoder:
     async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         """The `sampling.n` completions of one prompt, in order."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
-            raise UnsupportedSettingError(
-                f"the vLLM server at {self.url} lacks comi_hf's repetition-penalty processor, and vLLM's own "
-                "penalty counts placeholder prompt ids for prompt embeddings (vLLM 0.32): install comi_hf into vLLM's "
-                "environment (`pip install --no-deps comi_hf`) and restart it, or ask with repetition_penalty=1.0",
-                field="repetition_penalty",
-            )
+            raise missing_penalty_processor(self.url, sampling.repetition_penalty)
         response = await self._complete_raw(embeds, sampling.request_fields())
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         return [Completion(list(choice["token_ids"]), choice["finish_reason"]) for choice in choices]

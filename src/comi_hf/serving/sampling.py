@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import GenerationConfig
 
-from ..errors_comi import UnsupportedSettingError
+from ..errors_comi import InvalidInputError, UnsupportedSettingError
 from ..generation_comi import check_generation_values, update_generation_config
 
 __all__ = ["REPETITION_PENALTY_ARG", "VLLMSampling", "vllm_sampling"]
@@ -19,6 +19,8 @@ __all__ = ["REPETITION_PENALTY_ARG", "VLLMSampling", "vllm_sampling"]
 # The extra argument of comi_hf's vLLM logits processor (`comi_hf_vllm`), which applies
 # transformers' repetition penalty to the generated tokens only.
 REPETITION_PENALTY_ARG = "comi_repetition_penalty"
+# vLLM's API takes a signed 64-bit seed; a larger one is refused there, after the compression.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 # Settings that mean nothing for the tokens chosen (caching, outputs, ids of special tokens the
 # decoder does not read), or only with beam search, which is refused.
@@ -121,6 +123,12 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
     tokens whatever else the server runs). Raises [`UnsupportedSettingError`] naming every setting
     that vLLM cannot reproduce (beam search, n-gram bans, ...) and every unknown argument.
     """
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
+    ):
+        raise InvalidInputError(
+            f"`seed` must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r:.40}.", field="seed"
+        )
     config = GenerationConfig.from_dict(base.to_dict())
     unused = update_generation_config(config, generate_kwargs)
     if unused:
@@ -139,20 +147,27 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
     if refused:
         settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in sorted(refused))
         beams = " (it has no beam search for prompt embeddings)" if "num_beams" in refused else ""
-        raise UnsupportedSettingError(f"vLLM's prompt-embeddings API cannot reproduce {settings}{beams}")
+        raise UnsupportedSettingError(
+            f"vLLM's prompt-embeddings API cannot reproduce {settings}{beams}", field=sorted(refused)[0]
+        )
     if config.max_new_tokens is None:
         raise UnsupportedSettingError(
-            "give `max_new_tokens` (a `max_length` counts prompt positions vLLM does not see)"
+            "give `max_new_tokens` (a `max_length` counts prompt positions vLLM does not see)", field="max_new_tokens"
         )
     sampling = bool(config.do_sample)
     value = {
         name: getattr(config, name) if getattr(config, name) is not None else defaults.get(name) for name in _MAPPED
     }
     if value["num_return_sequences"] > 1 and not sampling:
-        raise UnsupportedSettingError("num_return_sequences > 1 needs do_sample=True (greedy decoding has one answer)")
+        raise UnsupportedSettingError(
+            "num_return_sequences > 1 needs do_sample=True (greedy decoding has one answer)",
+            field="num_return_sequences",
+        )
     penalty = value["repetition_penalty"]
     if not math.isfinite(penalty) or penalty <= 0:
-        raise UnsupportedSettingError(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
+        raise UnsupportedSettingError(
+            f"repetition_penalty must be a finite number > 0, got {penalty!r}", field="repetition_penalty"
+        )
     eos = value["eos_token_id"]
     stop_strings = value["stop_strings"] or []
     return VLLMSampling(

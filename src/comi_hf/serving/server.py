@@ -60,7 +60,9 @@ SETTINGS = (
 class AnswerRequest(BaseModel):
     """The body of `POST /v1/answer`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: in lax mode pydantic turns `true` into the token id 1, `"0.5"` into a number and
+    # `2.0` into 2; a body means what it says, or it is refused naming the field.
+    model_config = ConfigDict(extra="forbid", strict=True)
     context: str | list[int]
     question: str | list[int] | None = None
     questions: list[str | list[int]] | None = None
@@ -150,29 +152,42 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
 
     app = FastAPI(title="comi-serve", description="COMI question answering, the decoder on vLLM.", lifespan=lifespan)
 
-    def error(status: int, message: str, problem: COMIError | None = None) -> JSONResponse:
-        body = {"message": message, "code": problem.code if problem else status}
-        if problem is not None and problem.field is not None:
-            body["param"] = problem.field
+    def error(status: int, message: str, code: str, field: str | None = None) -> JSONResponse:
+        body = {"message": message, "code": code}
+        if field is not None:
+            body["param"] = field
         return JSONResponse(status_code=status, content={"error": body})
+
+    def refusal(problem: COMIError) -> JSONResponse:
+        """The answer to a `COMIError`: its status, code and field decide, never its wording."""
+        return error(problem.status, str(problem), problem.code, problem.field)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
+        problems, fields = [], []
         for problem in exc.errors():
-            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+            location = [part for part in problem.get("loc", ()) if part != "body"]
+            where = ".".join(str(part) for part in location)
             problems.append(f"{where}: {problem['msg']}" if where else problem["msg"])
-        return error(400, "invalid request: " + "; ".join(problems))
+            if location and isinstance(location[0], str):  # a field's name (an unknown one too), not a position
+                fields.append(location[0])
+        # A body that is not JSON has no field at fault (its location is a character position);
+        # otherwise the first field named is the param.
+        return refusal(COMIError("invalid request: " + "; ".join(problems), field=fields[0] if fields else None))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path != "/health" and api_key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "missing or wrong API key (send `Authorization: Bearer <key>`)")
+                return error(401, "missing or wrong API key (send `Authorization: Bearer <key>`)", "unauthorized")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_request_bytes:
-            return error(413, f"the request has {length} bytes, more than this server's limit of {max_request_bytes}")
+            return error(
+                413,
+                f"the request has {length} bytes, more than this server's limit of {max_request_bytes}",
+                "request_too_large",
+            )
         return await call_next(request)
 
     @app.post("/v1/answer")
@@ -186,13 +201,13 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
         try:
             sampling = vllm_sampling(client.prompt_encoder.generation_config, seed=body.seed, **settings)
             questions, spans = client.questions(inputs, body.merge_size, sampling.max_tokens)
+            await client.check_decoder(sampling)
             embeds = await batcher.prompt_embeds(questions, body.merge_size)
-            await client.connect()
             completions = await client.decoder.complete_many(embeds, sampling)
         except COMIError as problem:
             if isinstance(problem, DecoderUnavailableError):
                 client.forget_connection()
-            return error(problem.status, str(problem), problem)
+            return refusal(problem)
         (result,) = client.results(questions, spans, embeds, completions, body.return_token_ids)
         return JSONResponse(result, headers={"X-Process-Time": f"{time.perf_counter() - started:.4f}"})
 
@@ -215,12 +230,15 @@ def create_app(client: COMIServingClient, *, api_key: str | None = None, max_req
 
 def check_url(url: str) -> str:
     """`url` if it is an http(s) URL with a host (a vLLM server's base URL)."""
-    parts = urllib.parse.urlsplit(url)
     try:
-        parts.port  # noqa: B018 (raises on a port that is not a number or out of range)
+        # urlsplit raises on a bracketed host left open ("http://[::1"), .port on a port that is
+        # not a number or out of range.
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018
     except ValueError as error:
         raise UsageError(f"--vllm-url {url!r}: {error}", field="vllm_url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # urlsplit keeps spaces in a host ("http://exa mple"), which no server has.
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise UsageError(
             f"--vllm-url {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000", field="vllm_url"
         )
