@@ -158,6 +158,9 @@ def test_decoder_positions_are_known_before_any_encoding():
     check_decoder_positions(config, 10_000, 6, 4, 20)
     with pytest.raises(ContextTooLongError, match=r"20000 tokens \(313 segment\(s\) of up to 64\).*5026 positions"):
         check_decoder_positions(config, 20_000, 6, 4, 20)
+    with pytest.raises(InvalidInputError, match="ask for fewer new tokens") as caught:
+        check_decoder_positions(config, 10, 6, 4, 10**9)
+    assert caught.value.field == "max_new_tokens"
 
 
 # --------------------------------------------------------------------------- generate and the pipeline
@@ -170,6 +173,9 @@ def test_decoder_positions_are_known_before_any_encoding():
         ({"do_sample": True, "temperature": 0.0}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"do_sample": True, "top_k": 10**20}, "top_k"),
+        ({"min_new_tokens": 5, "max_new_tokens": 3}, "min_new_tokens"),
+        ({"stop_strings": [""]}, "stop_strings"),
         ({"merge_size": 10**30}, "merge_size"),
         ({"merge_size": 2**63}, "merge_size"),
     ],

@@ -63,6 +63,8 @@ def official_generation_config(config) -> GenerationConfig:
 
 # Integer settings and their least values; number settings as (least, whether the least is
 # allowed, most or `None`).
+# Integers past int32 are no setting anyone means, and overflow the decoder's (vLLM's) own checks.
+_MOST_INTEGER = 2**31 - 1
 _INTEGERS = {"max_new_tokens": 1, "min_new_tokens": 0, "num_return_sequences": 1, "num_beams": 1, "top_k": 0}
 _NUMBERS = {
     "temperature": (0.0, True, None),
@@ -78,8 +80,22 @@ def check_generation_values(config: GenerationConfig) -> None:
     what they would take silently (2.5 new tokens, a NaN temperature)."""
     for name, least in _INTEGERS.items():
         value = getattr(config, name, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise InvalidInputError(f"`{name}` must be an integer >= {least}, got {value!r}.", field=name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not least <= value <= _MOST_INTEGER
+        ):
+            raise InvalidInputError(
+                f"`{name}` must be an integer from {least} to {_MOST_INTEGER}, got {value!r:.40}.", field=name
+            )
+    if (config.min_new_tokens or 0) > (config.max_new_tokens or _MOST_INTEGER):
+        raise InvalidInputError(
+            f"`min_new_tokens` ({config.min_new_tokens}) is more than `max_new_tokens` ({config.max_new_tokens}).",
+            field="min_new_tokens",
+        )
+    stop_strings = [config.stop_strings] if isinstance(config.stop_strings, str) else config.stop_strings or []
+    if any(not isinstance(text, str) or not text for text in stop_strings):
+        raise InvalidInputError(
+            f"`stop_strings` must be non-empty strings, got {stop_strings!r:.80}.", field="stop_strings"
+        )
     for name, (least, inclusive, most) in _NUMBERS.items():
         value = getattr(config, name, None)
         if value is None:

@@ -265,6 +265,12 @@ def check_decoder_positions(
     and the pipeline warn instead)."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     needed = decoder_positions(config, context_tokens, query_tokens, merge_size, new_tokens)
+    if limit is not None and query_tokens + new_tokens >= limit:
+        raise InvalidInputError(
+            f"the question ({query_tokens} tokens) and {new_tokens} new tokens alone take more than the decoder's "
+            f"max_position_embeddings of {limit}: ask for fewer new tokens.",
+            field="max_new_tokens",
+        )
     if limit is not None and needed > limit:
         segments = math.ceil(context_tokens / config.segment_size)
         raise ContextTooLongError(
