@@ -48,7 +48,7 @@ from comi_hf import COMIForConditionalGeneration
 from comi_hf.data import COMIDataCollator, truncate_context
 from comi_hf.loading import parse_script_arguments
 from comi_hf.metrics import best_exact_match
-from comi_hf.pipeline_comi import decode_answers
+from comi_hf.processing_comi import decode_answers
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "comi_hf" / "default_model"

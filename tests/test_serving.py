@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
 from comi_hf import (
     COMIConfig,
-    COMIContextEncoding,
     COMIForConditionalGeneration,
     COMIPromptEncoder,
     DecoderError,
@@ -123,27 +122,11 @@ def test_export_command_refuses_an_output_that_is_a_file(saved, tmp_path, capsys
     )
 
 
-def test_context_encodings_split_and_join_without_changing_a_result():
-    model = tiny_comi(segment_size=16)
-    batch = random_batch()
-    encoding = model.encode_context(batch[0], batch[1])
-    joined = COMIContextEncoding.concatenate([encoding.context(i) for i in (2, 0, 1)])
-    order = torch.tensor([2, 0, 1])
-    query_ids, query_mask = batch[2][order], batch[3][order]
-    with torch.no_grad():
-        expected = model.compress(
-            query_ids=query_ids, query_attention_mask=query_mask, context_encoding=encoding, context_index=order
-        )
-        got = model.compress(query_ids=query_ids, query_attention_mask=query_mask, context_encoding=joined)
-    torch.testing.assert_close(got[0][got[1]], expected[0][expected[1]], rtol=0, atol=1e-6)
-    assert torch.equal(got[1], expected[1])
-    assert encoding.context(0).nbytes() < encoding.nbytes()
-
-
 def test_encoded_context_cache_is_bounded_and_least_recently_used_first():
     model = tiny_comi()
     encodings = [model.encode_context(torch.randint(2, 300, (1, 20 + 10 * i))) for i in range(3)]
     sizes = [encoding.nbytes() for encoding in encodings]
+    assert sizes[0] < sizes[1] < sizes[2]  # longer contexts hold more
     cache = EncodedContextCache(max_bytes=sizes[0] + sizes[1] + sizes[2] // 2)
     keys = [EncodedContextCache.key(list(range(i + 1))) for i in range(3)]
     assert len(set(keys)) == 3 and EncodedContextCache.key([1, 2]) != EncodedContextCache.key([2, 1])

@@ -8,12 +8,10 @@ decoder) and trained with `Trainer` on `comi_hf.synthetic` documents: the answer
 
 One addition, for training only: the decoder's last-layer head 0 is supervised to attend from
 each answer slot to the memory vector that holds the matching digit of the target code (known
-from the generator's positions and the compression's own token → memory map). Measured on this
-machine: with the answer loss alone (`examples/train.py`, lr 1e-3 and 3e-3, merge 1, 4 and 8)
-the loss stayed at the chance level (1.84 nats a token) for 300 steps: the backbone reads token
-embeddings, the memory vectors are encoder states, and nothing tells the decoder where to look
-until it happens to. With the auxiliary loss the lookup is learnt within minutes. The saved model
-is a plain COMI model; evaluation is greedy exact match.
+from the generator's positions and the compression's own token → memory map). The backbone was
+pretrained on token embeddings and the memory vectors are encoder states: without this loss
+nothing tells the decoder where to look (research/default_model/LOG.md has the runs). The saved
+model is a plain COMI model; evaluation is greedy exact match.
 
 `--stop_at EM` ends the last stage once validation exact match reaches EM at every merge size
 (or at `--stop_merge_sizes`; checked every `--eval_every` steps), so a round lasts as long as
@@ -21,9 +19,8 @@ the run needs.
 
 Data-parallel under `torchrun --nproc_per_node N` (or `accelerate launch`): each process takes
 1/N of every batch and of every validation, so the steps and the data seen are those of one
-process. On this 2-core machine two processes of one thread each ran the round at 14.4-14.9
-steps/s, one process of two threads at 10.4-14.1 (the model is too small for two threads to
-share its operations well).
+process. The model is too small for two threads to share its operations well, so on a CPU N
+processes of one thread each train faster than one process of N threads.
 """
 
 from __future__ import annotations

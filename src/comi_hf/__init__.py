@@ -1,7 +1,5 @@
 """comi_hf: COMI (coarse-to-fine context compression with marginal information gain) for transformers."""
 
-import os
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comi import COMIConfig
@@ -31,13 +29,9 @@ from .modeling_comi import (
     official_generation_config,
 )
 
-# DEFAULT_MODEL: the tiny trained model shipped in the package (see its README.md); a directory
-# like any Hub checkpoint, used by `comi-qa` and `pipeline("comi-qa")` when no model is given.
-from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK, COMIQuestionAnsweringPipeline
-
-# DEFAULT_BACKBONE: the plain causal LM the default model was built from (its card says how it was
-# pretrained); the backbone of bench/peers.py's comparison.
-DEFAULT_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_backbone")
+# DEFAULT_MODEL, the tiny trained model shipped in the package (a directory like any Hub checkpoint),
+# and DEFAULT_BACKBONE, the plain causal LM it was built from: see pipeline_comi.py.
+from .pipeline_comi import DEFAULT_BACKBONE, DEFAULT_MODEL, PIPELINE_TASK, COMIQuestionAnsweringPipeline
 
 __version__ = "0.1.0"
 # With the package imported, COMI directories load through the Auto classes without remote code.

@@ -128,7 +128,7 @@ class COMIPreTrainedModel(PreTrainedModel):
                 init.constant_(param, float(getattr(self.config, name)))
         elif module is getattr(self, "lsa", None) and isinstance(module, nn.Linear):
             # Without LSA layers the official model feeds the memory to the decoder unchanged:
-            # start the alignment map from the identity.
+            # start the LSA map from the identity.
             init.eye_(module.weight)
             init.zeros_(module.bias)
 
@@ -306,7 +306,7 @@ class COMICompressionModel(COMIPreTrainedModel):
         memory, memory_mask, *details = self._mig(
             context_hidden, query_vector, segment_mask, merge_size, return_details, row_query, mig_options or {}
         )
-        memory = self._align(memory, memory_mask)
+        memory = self._apply_lsa(memory, memory_mask)
         sample_memory, sample_mask = rows_to_samples(memory, memory_mask, row_query, num_queries)
         if not return_details:
             return sample_memory, sample_mask
@@ -422,7 +422,7 @@ class COMICompressionModel(COMIPreTrainedModel):
         )
         return output.last_hidden_state, query_mask
 
-    def _align(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+    def _apply_lsa(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """LSA over each segment's memory vectors (right-padded, so positions start at 0)."""
         if isinstance(self.lsa, nn.Linear):
             return self.lsa(memory)

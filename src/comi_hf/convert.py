@@ -213,7 +213,7 @@ def _convert(args: argparse.Namespace) -> None:
     dtype = next(iter(state.values())).dtype
     if depths["num_mem_fusion_layers"] == 0:
         # Without LSA layers the official code hands the memory to the decoder unchanged: COMI's
-        # alignment map is then the identity.
+        # LSA map is then the identity.
         hidden_size = backbone.hidden_size
         state["lsa.weight"] = torch.eye(hidden_size, dtype=dtype)
         state["lsa.bias"] = torch.zeros(hidden_size, dtype=dtype)

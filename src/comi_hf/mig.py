@@ -49,10 +49,10 @@ class MIGDetails:
 
 # `torch.nn.functional.normalize`'s default: the official implementation normalises with it.
 _NORM_EPS = 1e-12
-# Lower bound of the scratch budget, in elements (4 MiB of float32), so that inputs of a few
-# thousand tokens are not cut into chunks whose per-operation overhead dominates: a training batch
-# of 8 x 256 tokens, d = 64, runs forward and backward 2.2-2.4x faster than with 1 << 16 here.
-# The price: an input smaller than this floor may use about 4 MiB of scratch, more than its size.
+# Lower bound of the scratch budget, in elements (4 MiB of float32): inputs of a few thousand
+# tokens are then not cut into chunks so small that each operation's fixed overhead dominates
+# (docs/performance.md measures it). The price: an input smaller than this floor may use about
+# 4 MiB of scratch, more than its own size.
 _MIN_WORK_ELEMENTS = 1 << 20
 
 

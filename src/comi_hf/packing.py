@@ -51,51 +51,6 @@ class COMIContextEncoding:
     def batch_size(self) -> int:
         return self.context_lengths.shape[0]
 
-    def context(self, index: int) -> COMIContextEncoding:
-        """Context `index` alone (its rows, cut to its longest segment): a batch of one."""
-        rows = (self.sample == index).nonzero().flatten()
-        width = int(self.context_mask[rows].sum(1).max())
-        return COMIContextEncoding(
-            input_ids=self.input_ids[rows, :width],
-            context_mask=self.context_mask[rows, :width],
-            sample=torch.zeros_like(rows),
-            segment_start=self.segment_start[rows],
-            context_lengths=self.context_lengths[index : index + 1],
-            hidden_states=None if self.hidden_states is None else self.hidden_states[rows, :width],
-            key_values=None
-            if self.key_values is None
-            else [(keys[rows, :, :width], values[rows, :, :width]) for keys, values in self.key_values],
-        )
-
-    @classmethod
-    def concatenate(cls, encodings: list[COMIContextEncoding]) -> COMIContextEncoding:
-        """Several encodings as one batch, in order (rows right-padded to the widest)."""
-        width = max(encoding.input_ids.shape[1] for encoding in encodings)
-        offsets = torch.tensor([0] + [encoding.batch_size for encoding in encodings]).cumsum(0)
-
-        def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-            pad = [0, 0] * (tensor.dim() - 1 - dim) + [0, width - tensor.shape[dim]]
-            return torch.nn.functional.pad(tensor, pad)
-
-        cached = all(encoding.key_values is not None for encoding in encodings)
-        return cls(
-            input_ids=torch.cat([padded(encoding.input_ids, 1) for encoding in encodings]),
-            context_mask=torch.cat([padded(encoding.context_mask, 1) for encoding in encodings]),
-            sample=torch.cat([encoding.sample + offset for encoding, offset in zip(encodings, offsets, strict=False)]),
-            segment_start=torch.cat([encoding.segment_start for encoding in encodings]),
-            context_lengths=torch.cat([encoding.context_lengths for encoding in encodings]),
-            hidden_states=torch.cat([padded(encoding.hidden_states, 1) for encoding in encodings]) if cached else None,
-            key_values=[
-                tuple(
-                    torch.cat([padded(encoding.key_values[layer][part], 2) for encoding in encodings])
-                    for part in (0, 1)
-                )
-                for layer in range(len(encodings[0].key_values))
-            ]
-            if cached
-            else None,
-        )
-
     def nbytes(self) -> int:
         """Bytes its tensors hold."""
         tensors = [self.input_ids, self.context_mask, self.sample, self.segment_start, self.context_lengths]

@@ -25,7 +25,13 @@ from .processing_comi import (
     prepare_inputs,
 )
 
-__all__ = ["DEFAULT_MODEL", "PIPELINE_TASK", "COMIQuestionAnsweringPipeline", "custom_pipelines_entry"]
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "DEFAULT_MODEL",
+    "PIPELINE_TASK",
+    "COMIQuestionAnsweringPipeline",
+    "custom_pipelines_entry",
+]
 
 PIPELINE_TASK = "comi-qa"
 
@@ -252,8 +258,11 @@ def custom_pipelines_entry(pipeline_class: type = COMIQuestionAnsweringPipeline)
     }
 
 
-# The tiny trained model shipped inside the package (absent where this file runs as remote code).
+# What the package ships (absent where this file runs as remote code): the tiny trained model,
+# which `pipeline("comi-qa")` and `comi-qa` load when no model is named, and the plain causal LM it
+# was built from (its card says how it was pretrained; bench/peers.py runs COMI's peers on it).
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+DEFAULT_BACKBONE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_backbone")
 
 if PIPELINE_TASK not in PIPELINE_REGISTRY.get_supported_tasks():
     PIPELINE_REGISTRY.register_pipeline(

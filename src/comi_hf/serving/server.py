@@ -118,9 +118,8 @@ class CompressionBatcher:
 
     async def _compress(self, group: list[_Pending], merge_size: int | None) -> None:
         """One pass over the group's questions, a context at a time; the requests get their inputs
-        together at the end, so that the decoder receives them all at once and batches them (handed
-        out one context at a time, they made vLLM decode in small steps while the compressor held
-        the CPU; docs/serving.md)."""
+        together at the end, so that the decoder receives them all at once and batches them instead
+        of decoding a few at a time while the compressor holds the CPU (docs/serving.md)."""
         questions = [question for pending in group for question in pending.questions]
         try:
             embeds = await asyncio.to_thread(self.client.prompt_embeds, questions, merge_size)
