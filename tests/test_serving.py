@@ -264,3 +264,20 @@ def test_comi_serve_refuses_a_body_naming_the_field_before_compressing(saved, to
     error = answer.json()["error"]
     assert error["param"] == param and message in error["message"] and isinstance(error["code"], str)
     assert client.cache.stats()["misses"] == 0
+
+
+def test_the_penalty_argument_has_one_name_on_both_sides():
+    """The client sends `REPETITION_PENALTY_ARG`; vLLM's processor (comi_hf_vllm, which imports vLLM
+    and so only loads in vLLM's environment) reads `EXTRA_ARG`: the two must be the same string."""
+    import ast
+    from pathlib import Path
+
+    from comi_hf.serving.sampling import REPETITION_PENALTY_ARG
+
+    source = (Path(__file__).parents[1] / "src" / "comi_hf_vllm.py").read_text()
+    (value,) = [
+        node.value.value
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets] == ["EXTRA_ARG"]
+    ]
+    assert value == REPETITION_PENALTY_ARG
