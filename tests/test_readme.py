@@ -39,10 +39,23 @@ def test_the_stated_outputs_are_found():
     assert sum(len(outputs) for outputs in STATED.values()) >= 2  # the comi-qa line and the pipeline's dict
 
 
-def test_ci_runs_the_readme_test_command():
-    command = re.search(r"^(python -m pytest tests [^#\n]*?)\s+# everything, as CI runs it", README.read_text(), re.M)
-    assert command, "the README's Tests section names the full test command"
-    assert command.group(1) in (REPO / ".ci" / "run").read_text().splitlines()
+def test_ci_runs_the_readme_install_and_test_commands():
+    """A new user's fresh machine and CI's run the same commands: the README's ```bash blocks (the
+    install lines, the side environments, the full test command), each a line of .ci/run, in order."""
+    readme = README.read_text()
+    commands = [
+        line.split("  #")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert commands[:2] == ["pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+                            'pip install -e ".[test]"']  # fmt: skip
+    assert commands[-1] == "python -m pytest tests -q -n 2 --dist loadfile"
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    positions = [ci.index(command) for command in commands]  # ValueError: a README command CI does not run
+    assert positions == sorted(positions)
+    assert "# everything, as CI runs it" in readme
 
 
 @pytest.mark.slow
