@@ -41,18 +41,12 @@ def _read_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def _load_pipeline(args: argparse.Namespace):
     from transformers import pipeline
-    from transformers.utils import logging as hf_logging
 
     from .pipeline_comi import DEFAULT_MODEL, PIPELINE_TASK
 
     device = check_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    # Loading a small model takes a moment; its per-weight bar is noise on a command line.
-    hf_logging.disable_progress_bar()
-    try:
-        model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
-    finally:
-        hf_logging.enable_progress_bar()
+    model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
     return pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device=device)
 
 

@@ -31,7 +31,12 @@ _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 def parse_script_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
     """`parser.parse_args_into_dataclasses(argv)`, one instance per dataclass (then a namespace of
     any arguments added to the parser by hand); an option no dataclass takes is reported as
-    argparse reports one (`error: unrecognized arguments: ...`, exit status 2), not as a traceback."""
+    argparse reports one (`error: unrecognized arguments: ...`, exit status 2), not as a traceback.
+    DeepSpeed's notice that it found no GPU is kept off stdout."""
+    from comi_hf_cli import quiet_deepspeed
+
+    # The scripts print results on stdout, where DeepSpeed's no-GPU notice would land among them.
+    quiet_deepspeed()
     *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -115,6 +120,7 @@ def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "au
     [`ModelLoadError`] for one that is not a loadable COMI model with its tokenizer, in one line.
     """
     from transformers import AutoTokenizer, PreTrainedConfig
+    from transformers.utils import logging as hf_logging
 
     from .configuration_comi import COMIConfig
 
@@ -145,12 +151,16 @@ def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "au
                 f"{name} is {'a ' + model_type if model_type else 'not a'} model, not a COMI model "
                 "(build one from a backbone with COMIForConditionalGeneration.from_backbone)"
             )
+        # A small model loads in a moment; transformers' per-weight bar is noise on a command line.
+        hf_logging.disable_progress_bar()
         try:
             model = model_class.from_pretrained(name, dtype=dtype, use_safetensors=True, **hub_options, **kwargs)
         except ModelLoadError:
             raise
         except Exception as error:  # whatever the files are (truncated, pickled, mismatched): one line
             raise ModelLoadError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+        finally:
+            hf_logging.enable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, **hub_options)
         except Exception as error:

@@ -8,6 +8,7 @@ trained fully or given LoRA.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -95,7 +96,11 @@ def prepare_for_training(
         modules_to_save=full_parts + (["compressor"] if learnable_weights else []) or None,
     )
     # peft refuses a pattern that matches no module ("No modules were targeted for adaptation").
-    return get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: its warning is
+        # about peft's code, not the user's, and would show once in every training process.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
 
 
 def finalize_trained_model(model: nn.Module) -> COMIForConditionalGeneration:
