@@ -12,13 +12,13 @@
 #
 # Step 3 runs data-parallel in PROCESSES processes (default 2; `torch.distributed.run`, gloo) that
 # share the cores. Here, with one thread each, the round runs at 14.4-14.9 steps/s against
-# 10.4-14.1 for one process of two threads (README).
+# 10.4-14.1 for one process of two threads (research/default_model/LOG.md).
 #
 # Wall time on this 2-core CPU, measured end to end from an empty directory: 30-33 minutes (two
 # runs: backbone 9.0-9.9 min, COMI 20.1-21.8, evaluation 1.1). Both wrote the shipped model, byte
 # for byte: the round stopped on validation 0.99 / 0.974 at step 12,000, and the model reaches
 # held-out exact match 0.960 / 0.974 / 0.845 / 0.622 at merge 4 / 8 / 16 / 32 on 256-word
-# documents (README: every run's learning curve, and how the recipe was found).
+# documents (research/default_model/LOG.md: every run's learning curve, and how the recipe was found).
 # QUICK=1 runs every step for a few iterations on a handful of documents (the test suite does
 # this); its model answers nonsense.
 set -euo pipefail
@@ -47,16 +47,16 @@ else
     TEST_DOCS=1000 TEST_WORDS="256 1024" TEST_MERGES="4 8 16 32"
     # Held-out EM at 256 words plateaus at 0.94-0.97, with dips to 0.74-0.88 (128 documents a
     # check), from step 3,400 (8.5 to 9.8 minutes here); waiting for 0.98 took 1,100 more steps
-    # of that plateau, until one lucky check (README).
+    # of that plateau, until one lucky check (LOG.md).
     PRETRAIN=(--max_minutes 25 --threads 2 --stop_at 0.95)
     # The fine stage's relevance / redundancy weights are learnt from the start (alpha from 4:
     # with the fixed alpha = 1 its softmax is too flat to keep a near-duplicate's digits out of
-    # the target's memory vector at merge 8; README).
+    # the target's memory vector at merge 8; LOG.md).
     CURRICULUM=(--learnable_merge_weights --alpha_merge 4)
     # Then one round on 256-word documents under one cosine schedule, merge 8 drawn twice as often
-    # as 4 and 16 (without 16 the round left merge 16 and 32 at 0.58 and 0.05; README), ended by
+    # as 4 and 16 (without 16 the round left merge 16 and 32 at 0.58 and 0.05; LOG.md), ended by
     # validation exact match 0.97 at merge 4 and 8 (checked every 1,000 steps on 500 documents: on
-    # 200 a run stopped at 0.98 / 0.98 that scored 0.964 / 0.962 on 1,000; README) or after 14,000
+    # 200 a run stopped at 0.98 / 0.98 that scored 0.964 / 0.962 on 1,000; LOG.md) or after 14,000
     # steps.
     ROUND=(--curriculum 256 --stage_steps 14000 --merge_sizes 4 8 8 16 --first_stage_merge_sizes 4 8 8 16
         --learning_rate 1.5e-3 --stop_at 0.97 --eval_every 1000 --stop_merge_sizes 4 8 --eval_docs 500)

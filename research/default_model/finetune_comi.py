@@ -207,7 +207,7 @@ class StopAtExactMatch(TrainerCallback):
     """Validates every `every` steps and ends training once every merge size reaches `target`.
 
     A round of the recipe then lasts as long as this run needs: runs of one schedule differ by
-    thousands of steps in when they reach the target (README), so a fixed length either wastes
+    thousands of steps in when they reach the target (LOG.md), so a fixed length either wastes
     steps or stops short.
     """
 
