@@ -22,7 +22,7 @@ from tcp_proxy import TCPProxy
 
 from comi_hf import COMIForConditionalGeneration, UnsupportedSettingError
 from comi_hf.serving import COMIServingClient
-from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def _start_comi_serve(served, proxies):
     for proxy in proxies:
         command += ["--vllm-url", f"http://127.0.0.1:{proxy.port}"]
     command += ["--max-context-tokens", "400", "--log-level", "warning"]
-    process = subprocess.Popen(
+    process = ServerProcess(
         command,
         env={**os.environ, "COMI_SERVE_API_KEY": "secret", "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.PIPE,
@@ -168,7 +168,9 @@ def _start_comi_serve(served, proxies):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while _get(url + "/health")[0] is None:
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.stdout else ""
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.stop()  # first: its output ends when it does
+            pytest.fail(f"comi-serve did not start:\n{process.stdout.read()}")
         time.sleep(0.3)
     return process, url
 
@@ -177,11 +179,14 @@ def _start_comi_serve(served, proxies):
 def service(served):
     """comi-serve (a subprocess, as one runs it) reaching vLLM through a proxy that can be cut."""
     proxy = TCPProxy(served["vllm"].port)
-    process, url = _start_comi_serve(served, [proxy])
-    yield {"url": url, "proxy": proxy}
-    process.terminate()
-    process.wait(timeout=30)
-    proxy.close()
+    try:
+        process, url = _start_comi_serve(served, [proxy])
+        try:
+            yield {"url": url, "proxy": proxy}
+        finally:
+            process.stop(timeout=30)
+    finally:
+        proxy.close()
 
 
 def _get(url):
@@ -308,8 +313,7 @@ def test_comi_serve_spreads_over_replicas_and_survives_one_going_away(served):
         status, result = _post(url, body)
         assert status == 200 and result["token_ids"] == expected
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.stop(timeout=30)
         for proxy in proxies:
             proxy.close()
 
