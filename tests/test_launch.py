@@ -1,4 +1,5 @@
-"""Servers started for tests and benchmarks die with the process that started them, however it dies.
+"""Servers started for tests and benchmarks die with the process that started them, however it
+dies; and an environment is ready when its imports work, not when it has a `bin/python`.
 
 No vLLM here: the servers are `python -m http.server`, and a stand-in for vLLM's `api_server`
 that, like vLLM, starts an engine process of its own.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from comi_hf.serving import launch
-from comi_hf.serving.launch import ServerProcess, free_port
+from comi_hf.serving.launch import ServerProcess, find_vllm_python, free_port, venv_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads process groups from /proc")
 
@@ -166,3 +167,20 @@ def test_vllm_server_goes_through_server_process(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         launch.VLLMServer("/venv/bin/python", "decoder").start()
     assert started[0][:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_an_environment_is_ready_when_its_imports_work_not_when_it_has_a_python(tmp_path, monkeypatch):
+    half_built = tmp_path / "half-built"  # what a build has made before it installs anything
+    (half_built / "bin").mkdir(parents=True)
+    (half_built / "bin" / "python").symlink_to(sys.executable)
+    empty = tmp_path / "empty"
+    (empty / "bin").mkdir(parents=True)
+    (empty / "bin" / "python").write_text("")
+    (empty / "bin" / "python").chmod(0o755)
+    assert venv_python(half_built, "import json") == str(half_built / "bin" / "python")
+    assert venv_python(half_built, "import no_such_module_comi") is None
+    assert venv_python(empty, "import json") is None
+    assert venv_python(tmp_path / "missing", "import json") is None
+    for venv in (half_built, empty):
+        monkeypatch.setenv("COMI_VLLM_VENV", str(venv))
+        assert find_vllm_python() is None

