@@ -137,6 +137,12 @@ def test_stop_ends_the_whole_group_and_the_command_status_comes_through():
         assert _within(5, lambda: not _group(server.pid)) is not None  # SIGKILLed, going
         server.stop()  # again: nothing left to do
 
+    # One that ignores SIGTERM gets SIGKILL when the time is up.
+    with ServerProcess(["bash", "-c", "trap '' TERM; echo ready; exec sleep 600"], stdout=subprocess.PIPE) as server:
+        assert server.stdout.readline() == b"ready\n"  # past the trap
+        server.stop(timeout=1)
+        assert server.returncode == -signal.SIGKILL
+
     # A command that exits by itself: its status, and stop() still takes what it left behind.
     server = ServerProcess(["bash", "-c", "sleep 600 & exit 3"])
     try:

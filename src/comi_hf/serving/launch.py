@@ -73,21 +73,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _exits(pid: int, timeout: float) -> bool:
-    """Whether the child `pid` exits within `timeout` seconds, left unreaped: until it is reaped,
-    its pid (its process group's id) cannot go to another process."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:  # reaped already
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
 class ServerProcess(subprocess.Popen):
     """`command` as a child process leading a process group of its own, which dies with this process.
 
@@ -133,6 +118,7 @@ class ServerProcess(subprocess.Popen):
                 os.killpg(self.pid, sig)
 
     def kill(self) -> None:
+        """SIGKILL to the whole group, and the command reaped."""
         self.stop(timeout=0)
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -144,9 +130,10 @@ class ServerProcess(subprocess.Popen):
         try:
             if self.returncode is None:
                 self.send_signal(signal.SIGTERM)
-                _exits(self.pid, timeout)
-            # The group's id is still ours: the command is unreaped, or the watchdog (which
-            # ignores SIGTERM) is still in the group.
+                with suppress(subprocess.TimeoutExpired):
+                    self.wait(timeout)
+            # The group's id cannot have gone to another process, even with the command reaped: the
+            # watchdog, which ignores SIGTERM, is in the group until this.
             self.send_signal(signal.SIGKILL)
             self.wait()
         finally:
