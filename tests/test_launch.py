@@ -119,6 +119,7 @@ def test_a_server_dies_with_the_process_that_started_it_even_when_that_is_sigkil
     finally:
         parent.kill()
         parent.wait()
+        parent.stdout.close()
         if group is not None:
             _kill_group(group)  # this test's own mess, if the mechanism failed
 
