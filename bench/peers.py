@@ -47,6 +47,7 @@ from comi_hf import DEFAULT_BACKBONE, DEFAULT_MODEL, COMIForConditionalGeneratio
 from comi_hf.data import load_comi_jsonl
 from comi_hf.metrics import best_exact_match
 from comi_hf.processing_comi import decode_answers
+from comi_hf.serving.launch import venv_python
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
 
 WORKER = Path(__file__).resolve().parent / "kvpress" / "worker.py"
@@ -65,8 +66,8 @@ MODES = ("context", "with question")
 
 
 def find_kvpress_python() -> str | None:
-    python = Path(os.environ.get("COMI_KVPRESS_VENV", DEFAULT_KVPRESS_VENV)) / "bin" / "python"
-    return str(python) if python.is_file() else None
+    """The Python of kvpress's environment ($COMI_KVPRESS_VENV, else the default place), if kvpress imports there."""
+    return venv_python(os.environ.get("COMI_KVPRESS_VENV", DEFAULT_KVPRESS_VENV), "import kvpress")
 
 
 @dataclass

@@ -52,7 +52,7 @@ from common import (
 from transformers import pipeline
 
 from comi_hf.data import word_level_tokenizer
-from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, free_port
 
 
 @dataclass
@@ -188,12 +188,13 @@ def run_full_context(vllm: VLLMServer, model_name: str, tokenizer, documents, qu
     return summary("(c) vLLM, full context", latencies, makespan, {"vLLM": decoder.peak})
 
 
-def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[subprocess.Popen, str]:
+def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[ServerProcess, str]:
     port = free_port()
     command = [shutil.which("comi-serve"), "--model", str(model_dir), "--vllm-url", vllm_url, "--port", str(port)]
     command += ["--device", args.device, "--max-context-tokens", str(2 * max(args.context_tokens))]
     command += ["--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as output:  # the server keeps its own copy of the descriptor
+        process = ServerProcess(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -202,6 +203,7 @@ def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[s
                 return process, url
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
+                process.stop()
                 raise RuntimeError(f"comi-serve did not start; see {log}") from None
             time.sleep(0.5)
 
@@ -262,8 +264,7 @@ def main() -> None:
                     health = httpx.get(url + "/health", timeout=30).json()
                     served_row["comi_serve_cache"] = health["cache"]
                 finally:
-                    server.terminate()
-                    server.wait(timeout=60)
+                    server.stop()
                 same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
                 for row in (pipeline_row, served_row):
                     row.update(context_tokens=length, merge_size=merge)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from comi_hf.serving.launch import find_vllm_python
+from comi_hf.serving.launch import find_vllm_python, venv_python
 
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-KVPRESS_PYTHON = Path(os.environ.get("COMI_KVPRESS_VENV", Path.home() / ".cache/comi_hf/venvs/kvpress")) / "bin/python"
+KVPRESS_VENV = Path(os.environ.get("COMI_KVPRESS_VENV", Path.home() / ".cache/comi_hf/venvs/kvpress"))
 
 
 @pytest.mark.parametrize(
@@ -33,13 +33,19 @@ def test_benchmark_quick_mode(script, tmp_path):
     assert json.loads((tmp_path / "out.json").read_text())
 
 
+def _load(name: str, monkeypatch):
+    """bench/`name`.py as a module, registered as `bench_<name>` for this test only."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their neighbour `common`
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"bench_{name}", module)  # as an import does (for its dataclasses)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_compressor_exponent_of_a_one_length_series_is_none(monkeypatch):
     # On a busy machine a quick series can stop after its first length; that is no slope, not a crash.
-    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its neighbour `common`
-    spec = importlib.util.spec_from_file_location("bench_compressor", BENCH / "compressor.py")
-    compressor = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_compressor", compressor)  # as an import does (for its dataclass)
-    spec.loader.exec_module(compressor)
+    compressor = _load("compressor", monkeypatch)
     assert compressor.fitted_exponent([1024], [0.5]) is None
     assert compressor.fitted_exponent([1024, 4096], [1.0, 16.0]) == pytest.approx(2.0)
     assert compressor.describe_exponent(None) == "n/a (one length)"
@@ -48,7 +54,7 @@ def test_compressor_exponent_of_a_one_length_series_is_none(monkeypatch):
 def test_peers_quick_mode_compares_every_method_at_one_budget(tmp_path):
     """bench/peers.py --quick: COMI, kvpress's presses (kvpress's own environment), truncation and the
     full context on the same documents, each keeping ceil(n / m) of n tokens per layer."""
-    if not KVPRESS_PYTHON.is_file() and os.environ.get("COMI_REQUIRE_KVPRESS") != "1":
+    if venv_python(KVPRESS_VENV, "import kvpress") is None and os.environ.get("COMI_REQUIRE_KVPRESS") != "1":
         pytest.skip("kvpress's environment is missing: `bash .ci/kvpress_venv.sh` makes it")
     done = subprocess.run(
         [sys.executable, str(BENCH / "peers.py"), "--quick", "--json", str(tmp_path / "peers.json")],
@@ -80,3 +86,11 @@ def test_peers_quick_mode_compares_every_method_at_one_budget(tmp_path):
         if entry.get("answers_equal_kvpress_pipeline"):
             same, counted = map(int, entry["answers_equal_kvpress_pipeline"].split("/"))
             assert counted > 0 and same == counted  # the worker decodes as kvpress's own pipeline()
+
+
+def test_kvpress_environment_being_built_is_not_taken_for_a_ready_one(tmp_path, monkeypatch):
+    # What .ci/kvpress_venv.sh has made before kvpress is installed: a Python, without kvpress.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("COMI_KVPRESS_VENV", str(tmp_path))
+    assert _load("peers", monkeypatch).find_kvpress_python() is None

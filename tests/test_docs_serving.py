@@ -2,14 +2,15 @@
 
 Its ```sh and ```python blocks run in order, in a directory holding the checkout's `examples/`,
 `src/` and `.ci/`; the two that start a server (vLLM, then comi-serve) run in the background until
-they answer, and are stopped at the end. Needs vLLM's environment (CI makes it).
+they answer, and are stopped at the end, whatever happens. The doc's ports (8000 for vLLM, 8080
+for comi-serve) become free ones: a user's own servers may hold those. Needs vLLM's environment
+(CI makes it).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,16 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from comi_hf.serving.launch import find_vllm_python
+from comi_hf.serving.launch import ServerProcess, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "serving.md"
-SERVERS = {"api_server": "http://127.0.0.1:8000/health", "comi-serve": "http://127.0.0.1:8080/health"}
+# What marks the block that starts each server, and the port the doc gives it.
+SERVERS = {"api_server": 8000, "comi-serve": 8080}
 
 
-def _wait(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
+def _wait(url: str, process: ServerProcess, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the server for {url} exited with {process.returncode}"
@@ -45,19 +47,21 @@ def test_serving_doc_runs_as_written(tmp_path):
     for name in ("examples", "src", ".ci"):
         (tmp_path / name).symlink_to(REPO / name)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ports = {port: free_port() for port in SERVERS.values()}
     blocks = re.findall(r"```(sh|python)\n(.*?)```", DOC.read_text(), flags=re.S)
     servers, outputs = [], []
     try:
         for kind, code in blocks:
-            server = next((url for marker, url in SERVERS.items() if marker in code), None)
+            for port, free in ports.items():
+                code = re.sub(rf"\b{port}\b", str(free), code)
+            server = next((ports[port] for marker, port in SERVERS.items() if marker in code), None)
             if server is not None:
-                log = (tmp_path / f"server-{len(servers)}.log").open("w")
-                process = subprocess.Popen(
-                    ["bash", "-c", code], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-                servers.append(process)
-                _wait(server, process)
+                assert f"--port {server}" in code, f"the doc no longer starts this server on its port:\n{code}"
+                with (tmp_path / f"server-{len(servers)}.log").open("w") as log:
+                    servers.append(
+                        ServerProcess(["bash", "-c", code], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    )
+                _wait(f"http://127.0.0.1:{server}/health", servers[-1])
                 continue
             command = ["bash", "-euo", "pipefail", "-c", code] if kind == "sh" else [sys.executable, "-c", code]
             done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -65,9 +69,7 @@ def test_serving_doc_runs_as_written(tmp_path):
             outputs.append(done.stdout)
     finally:
         for process in reversed(servers):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=60)
+            process.stop()
     answered = next(output for output in outputs if '"answer"' in output)
     assert '"context_tokens"' in answered and '"memory_tokens"' in answered and '"compression_ratio"' in answered
     assert "'answers'" in outputs[-1]  # the Python client's answers

