@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 from common import BenchArguments, machine_description, median_seconds, parse_arguments, pyplot, write_json
+from memory_meter import PeakMemory
 
 from comi_hf import mig_compress
-from comi_hf.memory_meter import PeakMemory
 
 
 @dataclass

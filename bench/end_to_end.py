@@ -41,8 +41,7 @@ from common import (
     synchronize,
     write_json,
 )
-
-from comi_hf.memory_meter import PeakMemory
+from memory_meter import PeakMemory
 
 
 @dataclass

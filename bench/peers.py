@@ -41,13 +41,13 @@ from pathlib import Path
 
 import torch
 from common import BenchArguments, Dtype, TokenClock, parse_arguments, pyplot, write_json
+from server_processes import venv_python
 from transformers import AutoTokenizer
 
 from comi_hf import DEFAULT_BACKBONE, DEFAULT_MODEL, COMIForConditionalGeneration
 from comi_hf.data import load_comi_jsonl
 from comi_hf.metrics import best_exact_match
 from comi_hf.processing_comi import decode_answers
-from comi_hf.serving.launch import venv_python
 from comi_hf.synthetic import SPLIT_SEEDS, make_document
 
 WORKER = Path(__file__).resolve().parent / "kvpress" / "worker.py"

@@ -49,10 +49,10 @@ from common import (
     pyplot,
     write_json,
 )
+from server_processes import ServerProcess, VLLMServer, find_vllm_python, free_port
 from transformers import pipeline
 
 from comi_hf.data import word_level_tokenizer
-from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, free_port
 
 
 @dataclass

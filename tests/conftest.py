@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ import comi_hf
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 
 PACKAGE = Path(comi_hf.__file__).resolve().parent
+# What tests and benchmarks share and users do not (servers that die with their starter, the memory
+# meter) lives beside the benchmarks, out of the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 # The Hub's remote code: the model file and what it imports, found as transformers finds them
 # (what `save_pretrained` copies).
 REMOTE_CODE_FILES = tuple(

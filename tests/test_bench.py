@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from comi_hf.serving.launch import find_vllm_python, venv_python
+from server_processes import find_vllm_python, venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +16,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 KVPRESS_VENV = Path(os.environ.get("COMI_KVPRESS_VENV", Path.home() / ".cache/comi_hf/venvs/kvpress"))
 
 
-@pytest.mark.parametrize(
-    "script", sorted(path.name for path in BENCH.glob("*.py") if path.name not in ("common.py", "peers.py"))
-)
+# What the benchmarks share (not benchmarks themselves), and peers.py, tested on its own below.
+NOT_BENCHMARKS = ("common.py", "lifeline.py", "memory_meter.py", "server_processes.py", "peers.py")
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in BENCH.glob("*.py") if path.name not in NOT_BENCHMARKS))
 def test_benchmark_quick_mode(script, tmp_path):
     if script == "serving.py" and find_vllm_python() is None and os.environ.get("COMI_REQUIRE_VLLM") != "1":
         pytest.skip("vLLM's environment is missing: `bash .ci/vllm_venv.sh` makes it")

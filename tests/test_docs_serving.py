@@ -18,8 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from comi_hf.serving.launch import ServerProcess, find_vllm_python, free_port
+from server_processes import ServerProcess, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
 

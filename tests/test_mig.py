@@ -2,10 +2,10 @@ import itertools
 
 import pytest
 import torch
+from memory_meter import PeakMemory
 from mig_reference import reference_group_sizes, reference_mig_compress
 
 from comi_hf import NonFiniteError, mig, mig_compress
-from comi_hf.memory_meter import PeakMemory
 
 SWITCHES = list(itertools.product([True, False], repeat=4))
 

@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 from conftest import tiny_comi
+from server_processes import free_port
 
 import comi_hf_cli
-from comi_hf.serving.launch import free_port
 
 VLLM = "http://127.0.0.1:9"  # never contacted: every case fails before
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_comi
+from server_processes import ServerProcess, VLLMServer, find_vllm_python, free_port
 from tcp_proxy import TCPProxy
 
 from comi_hf import COMIForConditionalGeneration, UnsupportedSettingError
 from comi_hf.serving import COMIServingClient
-from comi_hf.serving.launch import ServerProcess, VLLMServer, find_vllm_python, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Runs a command that dies with the process that started it: the launcher of `launch.ServerProcess`.
+"""Runs a command that dies with the process that started it: the launcher of `server_processes.ServerProcess`.
 
     python -I lifeline.py FD COMMAND [ARG...]
 

@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from comi_hf.serving import launch
-from comi_hf.serving.launch import ServerProcess, find_vllm_python, free_port, venv_python
+import server_processes as launch
+from server_processes import ServerProcess, find_vllm_python, free_port, venv_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads process groups from /proc")
 
-# The child that starts a server and is then SIGKILLed loads launch.py by its path: importing
+# The child that starts a server and is then SIGKILLed loads server_processes.py by its path: importing
 # comi_hf would import torch and transformers, seconds of a shared machine for nothing.
 CHILD = """
 import importlib.util, subprocess, sys, time
