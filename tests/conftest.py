@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +17,14 @@ import comi_hf
 from comi_hf import COMIConfig, COMIForConditionalGeneration
 
 PACKAGE = Path(comi_hf.__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+# The environment of the scripts and commands the tests run: offline, and quiet tokenizers (they
+# warn when a process forks after using them).
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 # What tests and benchmarks share and users do not (servers that die with their starter, the memory
 # meter) lives beside the benchmarks, out of the wheel.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(REPO / "bench"))
 # The Hub's remote code: the model file and what it imports, found as transformers finds them
 # (what `save_pretrained` copies).
 REMOTE_CODE_FILES = tuple(
@@ -37,6 +44,22 @@ _WORDS = (
 _SPLIT = Regex(
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 )
+
+
+def run_command(command: list[str], cwd, *, check: bool = True, timeout: float = 900, env: dict | None = None):
+    """Run a script or command as a user would (offline, `ENV`); with `check`, it must succeed."""
+    done = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """`examples/make_tiny_backbone.py`'s tiny Llama, as the README's training commands make it."""
+    directory = tmp_path_factory.mktemp("backbone")
+    run_command([sys.executable, str(EXAMPLES / "make_tiny_backbone.py"), str(directory)], directory)
+    return directory
 
 
 def backbone_config(family: str = "qwen2", **overrides):

@@ -1,14 +1,13 @@
 """The trained default model shipped in the package: it loads offline and really answers."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REMOTE_CODE_FILES
+from conftest import ENV, REMOTE_CODE_FILES, REPO
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, pipeline
@@ -18,11 +17,9 @@ from comi_hf.data import word_level_tokenizer
 from comi_hf.evaluation import answer_dataset, summarize
 from comi_hf.synthetic import SPLIT_SEEDS, make_document, vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "data" / "example_document.txt"
 # The README's example: this test-split document (never seen in training).
 EXAMPLE_INDEX = 0
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 # How people type the README's question (its own spelling is "what is the code of long hill ?").
 NATURAL_PHRASINGS = (
     "what is the code of long hill?",

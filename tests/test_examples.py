@@ -2,22 +2,18 @@
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ENV, EXAMPLES, run_command
 
 from comi_hf.metrics import normalize_answer
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
 TRAIN, VALIDATION = EXAMPLES / "data" / "train.jsonl", EXAMPLES / "data" / "validation.jsonl"
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _load_example(name, path=None):
@@ -32,23 +28,10 @@ def _load_example(name, path=None):
     return module
 
 
-def _run(command, cwd, timeout=600, env=None):
-    done = subprocess.run(command, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("backbone")
-    _run([sys.executable, str(EXAMPLES / "make_tiny_backbone.py"), str(directory)], directory)
-    return directory
-
-
-def _train_args(backbone, output_dir, *extra):
+def _train_args(tiny_backbone, output_dir, *extra):
     return [
         str(EXAMPLES / "train.py"),
-        "--model_name_or_path", str(backbone),
+        "--model_name_or_path", str(tiny_backbone),
         "--train_file", str(TRAIN),
         "--output_dir", str(output_dir),
         "--encoder_layers", "2",
@@ -62,11 +45,11 @@ def _train_args(backbone, output_dir, *extra):
     ]  # fmt: skip
 
 
-def test_training_lowers_the_loss_and_saves_a_loadable_model(backbone, tmp_path):
+def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_backbone, tmp_path):
     output = tmp_path / "comi"
     args = ["--max_steps", "32", "--learning_rate", "1e-2", "--logging_steps", "8", "--save_steps", "32"]
     args += ["--validation_file", str(VALIDATION), "--keep_adapter"]
-    _run([sys.executable, *_train_args(backbone, output, *args)], tmp_path)
+    run_command([sys.executable, *_train_args(tiny_backbone, output, *args)], tmp_path)
     state = json.loads((output / "checkpoint-32" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -86,25 +69,25 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(backbone, tmp_path)
         f"qa = pipeline(model={str(output)!r}, trust_remote_code=True)\n"
         "print(qa(context='the code of red river is 1 2 3 4 .', question='what is the code of red river ?'))\n"
     )
-    _run([sys.executable, "-c", check], tmp_path)
+    run_command([sys.executable, "-c", check], tmp_path)
 
 
 def _card_loss(directory):
     return next(line for line in (directory / "README.md").read_text().splitlines() if "mean training loss" in line)
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(backbone, tmp_path):
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tiny_backbone, tmp_path):
     args = ["--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2"]
-    whole = _run([sys.executable, *_train_args(backbone, tmp_path / "whole", *args)], tmp_path)
+    whole = run_command([sys.executable, *_train_args(tiny_backbone, tmp_path / "whole", *args)], tmp_path)
     assert "pin_memory" not in whole.stderr  # no accelerator here: pinning is off, and torch does not warn
     weights = (tmp_path / "whole" / "model.safetensors").read_bytes()
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
     # `True` resumes from the latest checkpoint, as in transformers' own scripts.
-    done = _run(
+    done = run_command(
         [
             sys.executable,
-            *_train_args(backbone, resumed, *args),
+            *_train_args(tiny_backbone, resumed, *args),
             "--resume_from_checkpoint",
             "True",
             "--log_level",
@@ -117,7 +100,9 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(backbone, tmp_p
     assert _card_loss(resumed) == _card_loss(tmp_path / "whole")  # the mean over all 6 steps, not the last 4
     # Resuming from the last checkpoint (a run killed before its final save) trains nothing more.
     (resumed / "model.safetensors").unlink()
-    _run([sys.executable, *_train_args(backbone, resumed, *args), "--resume_from_checkpoint", "True"], tmp_path)
+    run_command(
+        [sys.executable, *_train_args(tiny_backbone, resumed, *args), "--resume_from_checkpoint", "True"], tmp_path
+    )
     assert sorted(path.name for path in resumed.glob("checkpoint-*")) == [
         "checkpoint-2",
         "checkpoint-4",
@@ -166,33 +151,35 @@ def test_bad_arguments_and_data_end_in_one_line_before_any_model_loads(tmp_path,
     assert "Traceback" not in done.stderr
 
 
-def test_two_processes_under_accelerate(backbone, tmp_path):
+def test_two_processes_under_accelerate(tiny_backbone, tmp_path):
     accelerate = shutil.which("accelerate")
     assert accelerate
     output = tmp_path / "comi"
     # torchrun-style launch of 2 processes; `--use_cpu` makes them data-parallel over gloo.
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    train = _train_args(backbone, output, "--max_steps", "3", "--save_strategy", "no", "--use_cpu")
-    done = _run([*launch, *train], tmp_path)
+    train = _train_args(tiny_backbone, output, "--max_steps", "3", "--save_strategy", "no", "--use_cpu")
+    done = run_command([*launch, *train], tmp_path)
     assert "find_unused_parameters" not in done.stderr  # every trained parameter gets a gradient
     assert "- processes: 2" in (output / "README.md").read_text()
     assert "- effective batch size: 16" in (output / "README.md").read_text()
     check = f"from transformers import AutoModel; AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True)"
-    _run([sys.executable, "-c", check], tmp_path)
+    run_command([sys.executable, "-c", check], tmp_path)
     # Evaluation sharded over the 2 processes gives the single-process results, in input order.
     evaluate = [str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(output), "--test_file", str(VALIDATION)]
     evaluate += ["--max_new_tokens", "4", "--per_device_eval_batch_size", "3"]
-    _run([*launch, *evaluate, "--output_dir", str(tmp_path / "sharded")], tmp_path)
-    _run([sys.executable, *evaluate, "--output_dir", str(tmp_path / "single")], tmp_path)
+    run_command([*launch, *evaluate, "--output_dir", str(tmp_path / "sharded")], tmp_path)
+    run_command([sys.executable, *evaluate, "--output_dir", str(tmp_path / "single")], tmp_path)
     sharded = (tmp_path / "sharded" / "eval_results.jsonl").read_text().splitlines()
     assert len(sharded) == 16
     assert sharded == (tmp_path / "single" / "eval_results.jsonl").read_text().splitlines()
 
 
-def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
+def test_evaluate_scores_known_answers_exactly(tiny_backbone, tmp_path):
     model = tmp_path / "comi"
-    _run([sys.executable, *_train_args(backbone, model, "--max_steps", "1", "--save_strategy", "no")], tmp_path)
+    run_command(
+        [sys.executable, *_train_args(tiny_backbone, model, "--max_steps", "1", "--save_strategy", "no")], tmp_path
+    )
     # A random model may answer with punctuation or stop at once; forbid both so that every
     # answer is 3 words and the partial-credit case below always exists.
     vocabulary = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
@@ -204,7 +191,7 @@ def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
     # First learn what the model answers, then write references that make the scores known.
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    _run(
+    run_command(
         [sys.executable, str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(model), "--test_file", str(probe),
          "--output_dir", str(tmp_path / "probe"), "--max_new_tokens", "3", "--merge_size", "2"],
         tmp_path,
@@ -229,7 +216,7 @@ def test_evaluate_scores_known_answers_exactly(backbone, tmp_path):
     assert any(0 < f1 < 1 for f1 in expected_f1), f"no partial-credit case in {predictions}"
     known = tmp_path / "known.jsonl"
     known.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    done = _run(
+    done = run_command(
         [sys.executable, str(EXAMPLES / "evaluate.py"), "--model_name_or_path", str(model), "--test_file", str(known),
          "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "3", "--per_device_eval_batch_size", "4",
          "--merge_size", "2"],
