@@ -69,9 +69,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_arguments(description: str, *dataclass_types: type) -> tuple:
-    """The command line parsed into an instance of each of `dataclass_types`, in their order."""
+    """The command line parsed into an instance of each of `dataclass_types`, in their order; with
+    `--quick`, a first line says that what follows is no measurement."""
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=HelpFormatter)
-    return parse_script_arguments(parser)
+    parsed = parse_script_arguments(parser)
+    if any(isinstance(arguments, BenchArguments) and arguments.quick for arguments in parsed):
+        print("--quick: tiny sizes, a smoke test of this script; its figures are not measurements")
+    return parsed
 
 
 def synchronize(device: str | torch.device) -> None:

@@ -139,8 +139,6 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     query_ids = torch.randint(3, backbone_args.vocab_size, (1, args.query_tokens), generator=generator).to(args.device)
     backbone = f"{backbone_args.description()}, {args.dtype}"
-    if bench.quick:
-        print("--quick: tiny sizes and one run, a smoke test of this script; its figures are not measurements")
     print(f"{backbone}; {machine_description(args.device)}; {args.new_tokens} new tokens, median of {args.repeats}")
     print(
         f"{'tokens':>7} {'merge':>5} | {'prefill s':>9} {'decode ms/tok':>13} {'total s':>8} {'peak MiB':>9} | "

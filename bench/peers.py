@@ -224,7 +224,6 @@ def main() -> None:
             ["Knorm", "SnapKV"],
             4,
         )
-        print("--quick: a smoke test of this script; its figures are not measurements")
     if args.kvpress_python is None:
         sys.exit("kvpress's environment is missing: make it with `bash .ci/kvpress_venv.sh` (or pass --kvpress_python)")
     torch.set_num_threads(1)

@@ -216,8 +216,6 @@ def main() -> None:
         args.new_tokens, args.vllm_kv_cache_gib = 4, 1
     if args.vllm_python is None:
         sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm_python)")
-    if bench.quick:
-        print("--quick: tiny sizes, a smoke test of this script; its figures are not measurements")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="comi-serving-bench-"))
     longest = max(args.context_tokens) + 64 + args.new_tokens

@@ -72,11 +72,18 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="model.safetensors written by the official training code (or its folder).")
     parser.add_argument("--backbone", required=True, help="The backbone the checkpoint was trained from.")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="The COMI directory to write (created if missing).")
     parser.add_argument("--lora-r", type=int, required=True, help="The training run's LoRA rank.")
     parser.add_argument("--lora-alpha", type=float, required=True, help="The training run's LoRA alpha.")
-    parser.add_argument("--merge-size", type=int, default=16)
-    parser.add_argument("--segment-size", type=int, default=10000)
+    parser.add_argument(
+        "--merge-size", type=int, default=16, help="Tokens per memory vector saved in the config (default 16)."
+    )
+    parser.add_argument(
+        "--segment-size",
+        type=int,
+        default=10000,
+        help="Context tokens the encoder reads at a time, saved in the config (default 10000, the official code's).",
+    )
     return parser
 
 
