@@ -109,7 +109,8 @@ def synth_parser() -> argparse.ArgumentParser:
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comi-serve",
-        description="Serve COMI over HTTP: POST /v1/answer, GET /health. The compressor runs here; the decoder "
+        description="Serve COMI over HTTP: POST /v1/answer, OpenAI's /v1/chat/completions, /v1/completions and "
+        "/v1/models, GET /health and /metrics. The compressor runs here; the decoder "
         "runs on a vLLM server that serves the model's exported decoder (comi-export-decoder) with "
         "--enable-prompt-embeds. Keep that vLLM server on loopback or a private network: its prompt-embeddings "
         "endpoint deserialises tensors; expose only comi-serve.",
@@ -129,7 +130,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default 8080).")
     parser.add_argument(
-        "--api-key", help="Require `Authorization: Bearer KEY` on /v1/answer (default: $COMI_SERVE_API_KEY, if set)."
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` on every endpoint; /health then tells others only whether the "
+        "service is ready (default: $COMI_SERVE_API_KEY, if set).",
     )
     parser.add_argument(
         "--cache-bytes",
@@ -141,7 +144,22 @@ def serve_parser() -> argparse.ArgumentParser:
         "--max-context-tokens", type=int, default=131072, help="Longer contexts are refused (default 131072)."
     )
     parser.add_argument(
-        "--max-request-bytes", type=int, default=16 << 20, help="Larger request bodies are refused (default 16 MiB)."
+        "--max-request-bytes",
+        type=int,
+        default=16 << 20,
+        help="Larger request bodies are refused, chunked ones too (default 16 MiB).",
+    )
+    parser.add_argument("--max-questions", type=int, default=256, help="Most questions in one request (default 256).")
+    parser.add_argument("--max-sequences", type=int, default=16, help="Most sequences per question, `n` (default 16).")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1024,
+        help="Most new tokens per sequence a request may ask (default 1024).",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        help="The model's name in the OpenAI API (`model`, /v1/models; default: the model directory's name).",
     )
     parser.add_argument("--device", default="cpu", help="Where the compressor runs: cpu, cuda, ... (default cpu).")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="The compressor's dtype (default: as saved).")
@@ -199,7 +217,15 @@ COMMANDS = {
     "comi-serve": Command(
         serve_parser,
         "comi_hf.serving.server",
-        {"port": (1, 65535), "cache_bytes": (0, None), "max_context_tokens": (1, None), "max_request_bytes": (1, None)},
+        {
+            "port": (1, 65535),
+            "cache_bytes": (0, None),
+            "max_context_tokens": (1, None),
+            "max_request_bytes": (1, None),
+            "max_questions": (1, None),
+            "max_sequences": (1, None),
+            "max_new_tokens": (1, None),
+        },
     ),
     "comi-export-decoder": Command(export_parser, "comi_hf.serving.export"),
 }

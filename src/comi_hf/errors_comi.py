@@ -106,10 +106,19 @@ class NonFiniteError(COMIError):
 
 
 class DecoderError(COMIError):
-    """The decoder (a vLLM server) refused a request or answered with an error."""
+    """The decoder (a vLLM server) refused a request or answered with an error.
+
+    The message names the problem, never the server's address; `url` (the server) and `detail`
+    (what it said that may name internal paths) are for logs.
+    """
 
     status = 502
     code = "decoder_error"
+
+    def __init__(self, message: str, *, url: str | None = None, detail: str | None = None, field: str | None = None):
+        super().__init__(message, field=field)
+        self.url = url
+        self.detail = detail
 
 
 class DecoderUnavailableError(DecoderError):

@@ -26,6 +26,7 @@ from .errors_comi import ContextTooLongError, InvalidInputError, describe_value
 __all__ = [
     "MAX_MERGE_SIZE",
     "COMIInput",
+    "StreamedAnswer",
     "UnknownTokensWarning",
     "answer_records",
     "check_decoder_positions",
@@ -305,6 +306,37 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tenso
 def decode_answers(tokenizer, sequences) -> list[str]:
     """Answer texts of generated token ids (special tokens dropped, surrounding spaces stripped)."""
     return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+
+class StreamedAnswer:
+    """An answer's text as its tokens arrive: each [`add`] returns the text that is now certain,
+    [`finish`] the rest; the pieces joined are `decode_answers` of all the tokens.
+
+    What may still change is held back: whitespace at the end (the answer is stripped) and an
+    incomplete character (a byte-level token that ends inside a UTF-8 sequence decodes to U+FFFD).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        self.token_ids.extend(token_ids)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+        return self._advance(text)
+
+    def finish(self) -> str:
+        (text,) = decode_answers(self.tokenizer, [self.token_ids])
+        return self._advance(text)
+
+    def _advance(self, text: str) -> str:
+        # Decoding a longer sequence can rewrite its end (a tokenizer's clean-up of spaces before
+        # punctuation); text already sent stays, and what follows waits until it extends it.
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
 
 
 def answer_records(

@@ -184,9 +184,7 @@ class COMIServingClient:
         on it: a repetition penalty where vLLM lacks comi_hf's logits processor."""
         connected = await self.connect()
         if sampling.repetition_penalty != 1.0 and not connected["output_repetition_penalty"]:
-            raise missing_penalty_processor(
-                getattr(self.decoder, "url", "in this process"), sampling.repetition_penalty
-            )
+            raise missing_penalty_processor(sampling.repetition_penalty)
 
     def forget_connection(self) -> None:
         """Check the decoder again at the next call (after it was found unreachable)."""

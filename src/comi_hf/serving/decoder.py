@@ -11,7 +11,9 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +29,22 @@ from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
 
 __all__ = [
     "Completion",
+    "StreamedTokens",
     "VLLMEngineDecoder",
     "VLLMReplicas",
     "VLLMServerDecoder",
     "encode_prompt_embeds",
     "missing_penalty_processor",
 ]
+
+
+@dataclass
+class StreamedTokens:
+    """New tokens of one of a prompt's sequences, as the decoder streams them (`finish_reason` on the last)."""
+
+    sequence: int
+    token_ids: list[int]
+    finish_reason: str | None
 
 
 @dataclass
@@ -50,13 +62,13 @@ def encode_prompt_embeds(embeds: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def missing_penalty_processor(url: str, penalty: float) -> UnsupportedSettingError:
-    """The refusal of a request whose repetition penalty the decoder at `url` cannot apply, because
-    comi_hf's logits processor is not installed in its environment."""
+def missing_penalty_processor(penalty: float) -> UnsupportedSettingError:
+    """The refusal of a request whose repetition penalty the decoder cannot apply, because comi_hf's
+    logits processor is not installed in its environment."""
     return UnsupportedSettingError(
         f"a repetition_penalty of {penalty:g} (the model's default when a request sets none) needs comi_hf's "
         f"repetition-penalty logits processor (comi_hf_vllm.OutputRepetitionPenalty, the "
-        f"`{REPETITION_PENALTY_ARG}` entry point of vllm.logits_processors), which the vLLM server at {url} lacks; "
+        f"`{REPETITION_PENALTY_ARG}` entry point of vllm.logits_processors), which the vLLM server lacks; "
         "vLLM's own penalty would count placeholder prompt ids for prompt embeddings. Install comi_hf into vLLM's "
         "environment (`pip install --no-deps comi_hf`) and restart the vLLM server, or ask with repetition_penalty "
         "1.0.",
@@ -92,15 +104,24 @@ class VLLMServerDecoder:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.TransportError as error:
-            raise DecoderUnavailableError(f"the vLLM server at {self.url} cannot be reached ({error!r})") from error
+            raise self._unreachable(error) from error
         if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:500]
-            error_type = DecoderUnavailableError if response.status_code >= 500 else DecoderRefusedError
-            raise error_type(f"the vLLM server at {self.url} answered {response.status_code}: {message}")
+            raise self._refusal(response.status_code, response.text)
         return response.json()
+
+    def _unreachable(self, error: Exception) -> DecoderUnavailableError:
+        return DecoderUnavailableError(
+            f"the vLLM server cannot be reached ({type(error).__name__})", url=self.url, detail=repr(error)
+        )
+
+    def _refusal(self, status: int, text: str) -> DecoderError:
+        """The error for an answer of `status` >= 400 (vLLM's message, if its body has one)."""
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text[:500]
+        error_type = DecoderUnavailableError if status >= 500 else DecoderRefusedError
+        return error_type(f"the vLLM server answered {status}: {message}", url=self.url, detail=text[:2000])
 
     async def connect(self, hidden_size: int) -> dict:
         """Check the server: its model, and whether it has comi_hf's repetition-penalty processor."""
@@ -108,10 +129,18 @@ class VLLMServerDecoder:
         names = [entry["id"] for entry in models.get("data", [])]
         if self.model is None:
             if len(names) != 1:
-                raise DecoderError(f"the vLLM server at {self.url} serves {names}: name the decoder with `model`")
+                raise DecoderError(
+                    f"the vLLM server serves {len(names)} models: name the decoder with `model` (--vllm-model)",
+                    url=self.url,
+                    detail=f"served: {names}",
+                )
             self.model = names[0]
         elif self.model not in names:
-            raise DecoderError(f"the vLLM server at {self.url} serves {names}, not {self.model}")
+            raise DecoderError(
+                "the vLLM server does not serve the decoder named by `model` (--vllm-model)",
+                url=self.url,
+                detail=f"served: {names}, asked: {self.model}",
+            )
         # Two one-token probes, told apart by their status alone (vLLM's wording is not a contract):
         # the first must pass, or the server cannot decode comi_hf's prompt embeddings at all; the
         # second differs only by a penalty comi_hf's processor refuses (<= 0), which a server
@@ -122,8 +151,10 @@ class VLLMServerDecoder:
         except DecoderRefusedError as error:
             # The server's setup, not the caller's request, is at fault: 502, not 400.
             raise DecoderError(
-                f"the vLLM server at {self.url} does not decode prompt embeddings of hidden size {hidden_size} "
-                f"(is it serving this model's exported decoder with --enable-prompt-embeds?): {error}"
+                f"the vLLM server does not decode prompt embeddings of hidden size {hidden_size} "
+                "(is it serving this model's exported decoder with --enable-prompt-embeds?)",
+                url=self.url,
+                detail=error.detail,
             ) from error
         try:
             await self._complete_raw(
@@ -141,7 +172,7 @@ class VLLMServerDecoder:
     async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         """The `sampling.n` completions of one prompt, in order."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
-            raise missing_penalty_processor(self.url, sampling.repetition_penalty)
+            raise missing_penalty_processor(sampling.repetition_penalty)
         response = await self._complete_raw(embeds, sampling.request_fields())
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         return [Completion(list(choice["token_ids"]), choice["finish_reason"]) for choice in choices]
@@ -149,6 +180,36 @@ class VLLMServerDecoder:
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
         """`complete` for every prompt, all requests in flight together."""
         return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+
+    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+        """The `sampling.n` sequences of one prompt as vLLM decodes them: their new tokens, chunk by chunk."""
+        import httpx
+
+        if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
+            raise missing_penalty_processor(sampling.repetition_penalty)
+        body = {
+            "model": self.model,
+            "prompt_embeds": encode_prompt_embeds(embeds),
+            "return_token_ids": True,
+            "stream": True,
+            **sampling.request_fields(),
+        }
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code >= 400:
+                    raise self._refusal(response.status_code, (await response.aread()).decode(errors="replace"))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: ") :])
+                    if "error" in chunk:  # vLLM reports a failure inside a stream as a chunk
+                        raise self._refusal(int(chunk["error"].get("code") or 500), line[len("data: ") :])
+                    for choice in chunk.get("choices", ()):
+                        yield StreamedTokens(
+                            choice["index"], list(choice.get("token_ids") or ()), choice["finish_reason"]
+                        )
+        except httpx.TransportError as error:
+            raise self._unreachable(error) from error
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -206,9 +267,35 @@ class VLLMReplicas:
                 self.up[index] = False
             finally:
                 self.in_flight[index] -= 1
-        raise DecoderUnavailableError(f"none of the vLLM servers {self.url} can be reached")
+        raise DecoderUnavailableError("none of the vLLM servers can be reached", url=self.url)
 
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
+        await self._rejoin()
+        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+
+    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+        """The least busy replica's stream; a replica that cannot be reached before its first tokens
+        is left out and another one streams."""
+        await self._rejoin()
+        while any(self.up):
+            index = min((count, index) for index, count in enumerate(self.in_flight) if self.up[index])[1]
+            self.in_flight[index] += 1
+            started = False
+            try:
+                async for tokens in self.replicas[index].stream(embeds, sampling):
+                    started = True
+                    yield tokens
+                return
+            except DecoderUnavailableError:
+                if started:
+                    raise
+                self.up[index] = False
+            finally:
+                self.in_flight[index] -= 1
+        raise DecoderUnavailableError("none of the vLLM servers can be reached", url=self.url)
+
+    async def _rejoin(self) -> None:
+        """Check the replicas again, at most every `retry_after` seconds, while some are away."""
         if (
             not all(self.up)
             and self._hidden_size is not None
@@ -216,7 +303,6 @@ class VLLMReplicas:
         ):
             with contextlib.suppress(DecoderUnavailableError):  # a replica back since the last check rejoins
                 await self.connect(self._hidden_size)
-        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
 
     async def aclose(self) -> None:
         await asyncio.gather(*(replica.aclose() for replica in self.replicas))
@@ -247,6 +333,11 @@ class VLLMEngineDecoder:
 
     async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         return (await self.complete_many([embeds], sampling))[0]
+
+    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+        """The whole answer as one chunk per sequence: `vllm.LLM.generate` returns finished outputs."""
+        for sequence, completion in enumerate(await self.complete(embeds, sampling)):
+            yield StreamedTokens(sequence, completion.token_ids, completion.finish_reason)
 
     async def aclose(self) -> None:
         pass
