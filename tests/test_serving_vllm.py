@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -480,6 +481,8 @@ def test_openai_client_chat_completions_plain_and_streamed(served, service, toke
         )  # fmt: skip
         chunks = list(pieces)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+        texts = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+        assert len(texts) >= min(2, len(expected)), "streamed as vLLM decodes, not as one piece at the end"
         assert chunks[-1].usage.completion_tokens == len(tokens)
     completion = api.completions.create(
         model="comi", prompt=QUESTIONS[:2], max_tokens=NEW_TOKENS, temperature=0, extra_body=extra
@@ -604,6 +607,33 @@ def test_a_small_request_is_not_held_behind_a_large_one(served):
 
         asyncio.run(both())
         assert finished["small"] < finished["large"]
+    finally:
+        process.stop(timeout=30)
+        proxy.close()
+
+
+def test_a_client_that_goes_away_has_its_work_dropped(served):
+    """A 500-question request whose client disconnects: its remaining compression rounds are not run."""
+    import httpx
+
+    proxy = TCPProxy(served["vllm"].port)
+    process, url = _start_comi_serve(served, [proxy], "--max-questions", "512")
+    headers = {"Authorization": "Bearer secret"}
+
+    def rounds():
+        text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+        return float(re.search(r"^comi_compression_rounds_total (\S+)$", text, re.M).group(1))
+
+    try:
+        body = {"context": CONTEXTS[3], "questions": [f"{QUESTIONS[0]} {i}" for i in range(500)], "max_new_tokens": 2}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/answer", json=body, headers=headers, timeout=0.3)
+        time.sleep(1.5)  # the server notices within its polling interval
+        after = rounds()
+        time.sleep(2.0)
+        assert rounds() == after  # nothing more was compressed for it
+        assert after < 500 / 8  # fewer rounds than the whole request needed
+        assert _get(url + "/health")[0] == 200
     finally:
         process.stop(timeout=30)
         proxy.close()
