@@ -34,7 +34,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
-from ..errors_comi import COMIError, DecoderError, DecoderUnavailableError, UsageError
+from ..errors_comi import (
+    COMIError,
+    DecoderError,
+    DecoderUnavailableError,
+    ModelNotFoundError,
+    UnauthorizedError,
+    UsageError,
+)
 from ..loading import check_device
 from . import openai_api
 from .admission import BodyReader, Limits, unless_disconnected
@@ -163,7 +170,7 @@ def create_app(
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path != "/health" and not authorized(request):
-            response = refusal(_Unauthorized("missing or wrong API key (send `Authorization: Bearer <key>`)"))
+            response = refusal(UnauthorizedError("missing or wrong API key (send `Authorization: Bearer <key>`)"))
         else:
             response = await call_next(request)
         service.metrics.observe(request.url.path, response.status_code)
@@ -254,8 +261,9 @@ def create_app(
     async def openai_endpoint(request: Request, body: openai_api.OpenAIRequest, kind: str, questions_of):
         async def prepare():
             if body.model != served_model_name:
-                raise _ModelNotFound(
-                    f"the model `{body.model}` does not exist here; this server serves `{served_model_name}`."
+                raise ModelNotFoundError(
+                    f"the model `{body.model}` does not exist here; this server serves `{served_model_name}`.",
+                    field="model",
                 )
             body.refuse_what_comi_cannot_honour()
             questions = questions_of()
@@ -302,19 +310,6 @@ def create_app(
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-class _Unauthorized(COMIError):
-    status = 401
-    code = "invalid_api_key"
-
-
-class _ModelNotFound(COMIError):
-    status = 404
-    code = "model_not_found"
-
-    def __init__(self, message: str):
-        super().__init__(message, field="model")
 
 
 def check_url(url: str) -> str:
