@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENV, run_command
 from safetensors.torch import load_file
-from test_examples import ENV, _load_example, _run
+from test_examples import _load_example
 from transformers import AutoTokenizer
 
 from comi_hf import DEFAULT_MODEL
@@ -71,7 +72,7 @@ def test_default_model_recipe_refuses_a_bad_process_count(tmp_path, processes):
 
 
 def test_ablation_quick_mode(tmp_path):
-    _run([sys.executable, str(RESEARCH / "ablation.py"), "--quick", "--output_dir", str(tmp_path)], tmp_path)
+    run_command([sys.executable, str(RESEARCH / "ablation.py"), "--quick", "--output_dir", str(tmp_path)], tmp_path)
     result = json.loads((tmp_path / "ablation.json").read_text())
     variants = {entry["variant"] for entry in result["entries"]}
     assert {"full MIG", "no fine stage (mean)", "truncation", "uncompressed"} <= variants
@@ -149,7 +150,7 @@ def test_finetune_comi_stops_once_validation_reaches_the_target(
         "--curriculum", "256", "--stage_steps", "4", "--merge_sizes", *merge_sizes, "--learning_rate", "1e-9",
         "--eval_docs", "10", "--eval_every", "2", "--stop_at", "0.75", *stop_merge_sizes,
     ]  # fmt: skip
-    _run(command, tmp_path, env={"OMP_NUM_THREADS": "1"} if processes > 1 else {})
+    run_command(command, tmp_path, env={"OMP_NUM_THREADS": "1"} if processes > 1 else {})
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"steps: {steps} ([4] per length)" in card and f"processes: {processes}" in card
     summary = next(line for line in card.splitlines() if "validation exact match during the last stage" in line)

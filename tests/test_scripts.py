@@ -13,14 +13,15 @@ from transformers import HfArgumentParser
 from comi_hf.loading import parse_script_arguments
 
 REPO = Path(__file__).resolve().parents[1]
-# Not a script a person runs: bench/peers.py starts it in kvpress's own environment (no comi_hf
-# there) with the paths of a request and a result file.
-KVPRESS_WORKER = REPO / "bench" / "kvpress" / "worker.py"
+# Not scripts a person runs: bench/peers.py starts the worker in kvpress's own environment (no
+# comi_hf there) with the paths of a request and a result file; server_processes.py starts the
+# lifeline with a pipe's descriptor and the command it runs.
+NOT_RUN_BY_PEOPLE = (REPO / "bench" / "kvpress" / "worker.py", REPO / "bench" / "lifeline.py")
 SCRIPTS = sorted(
     path
     for folder in ("examples", "research", "bench")
     for path in (REPO / folder).rglob("*.py")
-    if 'if __name__ == "__main__":' in path.read_text() and path != KVPRESS_WORKER
+    if 'if __name__ == "__main__":' in path.read_text() and path not in NOT_RUN_BY_PEOPLE
 )
 
 
