@@ -56,6 +56,8 @@ def test_the_family_carries_status_code_and_field():
         NonFiniteError: 500,
         DecoderRefusedError: 400,
         DecoderUnavailableError: 503,
+        comi_hf.UnauthorizedError: 401,
+        comi_hf.ModelNotFoundError: 404,
     }
     for cls, status in statuses.items():
         error = cls("what is wrong", field="merge_size")

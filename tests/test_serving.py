@@ -281,3 +281,59 @@ def test_the_penalty_argument_has_one_name_on_both_sides():
         if isinstance(node, ast.Assign) and [target.id for target in node.targets] == ["EXTRA_ARG"]
     ]
     assert value == REPETITION_PENALTY_ARG
+
+
+def test_fair_compression_answers_a_small_request_between_the_slices_of_a_large_one(saved, tokenizer):
+    """A one-question request that arrives while 64 questions wait is compressed in the next round,
+    not after them; a request whose caller went away is dropped; results equal one plain pass."""
+    from comi_hf.serving.admission import FairCompressor
+    from comi_hf.serving.client import COMIServingClient, Question
+
+    directory, _ = saved
+    client = COMIServingClient(COMIPromptEncoder.from_pretrained(directory), tokenizer, decoder=None)
+    context = tokenizer("the code of red river is 4 8 2 1 .", add_special_tokens=False)["input_ids"]
+    question = tokenizer("what is the code ?", add_special_tokens=False)["input_ids"]
+    large = [Question(context, question + [5 + i % 7]) for i in range(64)]
+    small = [Question(context[:5], question)]
+    rounds = []
+    compressor = FairCompressor(client, slice_questions=8, round_questions=16, on_round=lambda n, _: rounds.append(n))
+    finished = []
+
+    async def run():
+        async def ask(name, questions):
+            embeds, _, _ = await compressor.prompt_embeds(questions, merge_size=4)
+            finished.append(name)
+            return embeds
+
+        large_task = asyncio.create_task(ask("large", large))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(ask("gone", large))
+        await asyncio.sleep(0)
+        small_task = asyncio.create_task(ask("small", small))
+        await asyncio.sleep(0)
+        gone.cancel()
+        results = await asyncio.gather(large_task, small_task)
+        await compressor.aclose()
+        return results
+
+    large_embeds, small_embeds = asyncio.run(run())
+    assert finished == ["small", "large"] and "gone" not in finished
+    assert sum(rounds) <= len(large) + len(small) + 16  # the cancelled request was compressed once at most
+    for got, expected in zip(large_embeds + small_embeds, client.prompt_embeds(large + small, 4), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_streamed_answers_join_into_the_answer(tokenizer):
+    import random
+
+    from comi_hf.processing_comi import StreamedAnswer, decode_answers
+
+    generator = random.Random(0)
+    for _ in range(200):
+        ids = [generator.randrange(len(tokenizer)) for _ in range(generator.randint(1, 12))]
+        streamed, text, start = StreamedAnswer(tokenizer), "", 0
+        while start < len(ids):
+            step = generator.randint(1, 3)
+            text += streamed.add(ids[start : start + step])
+            start += step
+        assert text + streamed.finish() == decode_answers(tokenizer, [ids])[0]

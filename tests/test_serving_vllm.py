@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -157,12 +158,12 @@ def test_what_vllm_cannot_reproduce_is_refused(client):
 
 
 # --------------------------------------------------------------------------- comi-serve
-def _start_comi_serve(served, proxies):
+def _start_comi_serve(served, proxies, *extra):
     port = free_port()
     command = [shutil.which("comi-serve"), "--model", str(served["root"] / "comi"), "--port", str(port)]
     for proxy in proxies:
         command += ["--vllm-url", f"http://127.0.0.1:{proxy.port}"]
-    command += ["--max-context-tokens", "400", "--log-level", "warning"]
+    command += ["--max-context-tokens", "400", "--log-level", "warning", *extra]
     process = ServerProcess(
         command,
         env={**os.environ, "COMI_SERVE_API_KEY": "secret", "HF_HUB_OFFLINE": "1"},
@@ -194,9 +195,10 @@ def service(served):
         proxy.close()
 
 
-def _get(url):
+def _get(url, key="secret"):
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -443,3 +445,195 @@ def test_in_process_vllm_engine(served, vllm_python, tmp_path, tokenizer):
     items = [(c, q) for c in CONTEXTS[:2] for q in QUESTIONS[:2]]
     for (context, question), ids in zip(items, served_ids, strict=True):
         assert ids == _generated(served["model"], tokenizer, context, question, 4)[0]
+
+
+# --------------------------------------------------------------------------- OpenAI's API
+DOCUMENTS = ["the code of red river is 4 8 2 1 .", {"title": "blue lake", "text": "the code of blue lake is 1 2 3 4 ."}]
+# How comi-serve joins `documents` into the context `generate` reads (docs/serving.md).
+JOINED = "the code of red river is 4 8 2 1 .\n\nblue lake\nthe code of blue lake is 1 2 3 4 ."
+
+
+def _expected_text(served, tokenizer, question, merge_size=4):
+    tokens, _ = _generated(served["model"], tokenizer, JOINED, question, merge_size)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens
+
+
+def test_openai_client_chat_completions_plain_and_streamed(served, service, tokenizer):
+    import openai
+
+    api = openai.OpenAI(base_url=service["url"] + "/v1", api_key="secret", max_retries=0)
+    assert [model.id for model in api.models.list()] == ["comi"]
+    extra = {"documents": DOCUMENTS, "merge_size": 4}
+    for question in QUESTIONS:
+        expected, tokens = _expected_text(served, tokenizer, question)
+        reply = api.chat.completions.create(
+            model="comi", messages=[{"role": "user", "content": question}], max_tokens=NEW_TOKENS, temperature=0,
+            extra_body=extra,
+        )  # fmt: skip
+        assert reply.choices[0].message.content == expected
+        assert reply.choices[0].finish_reason == ("stop" if len(tokens) < NEW_TOKENS else "length")
+        assert reply.usage.completion_tokens == len(tokens)
+        figures = reply.model_extra["comi"]
+        assert figures["context_tokens"] == len(tokenizer(JOINED, add_special_tokens=False)["input_ids"])
+        pieces = api.chat.completions.create(
+            model="comi", messages=[{"role": "user", "content": question}], max_tokens=NEW_TOKENS, temperature=0,
+            extra_body=extra, stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(pieces)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+        texts = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+        assert len(texts) >= min(2, len(expected)), "streamed as vLLM decodes, not as one piece at the end"
+        assert chunks[-1].usage.completion_tokens == len(tokens)
+    completion = api.completions.create(
+        model="comi", prompt=QUESTIONS[:2], max_tokens=NEW_TOKENS, temperature=0, extra_body=extra
+    )
+    assert [choice.text for choice in completion.choices] == [
+        _expected_text(served, tokenizer, q)[0] for q in QUESTIONS[:2]
+    ]
+    streamed = api.completions.create(
+        model="comi", prompt=QUESTIONS[0], max_tokens=NEW_TOKENS, temperature=0, extra_body=extra, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == completion.choices[0].text
+
+
+def test_openai_client_errors_are_its_own_exceptions(service):
+    import openai
+
+    api = openai.OpenAI(base_url=service["url"] + "/v1", api_key="secret", max_retries=0)
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=service["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as caught:
+        api.chat.completions.create(model="gpt-4o", messages=question, extra_body={"documents": DOCUMENTS})
+    assert caught.value.body["param"] == "model"
+    for options, param in (
+        ({}, "documents"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "extra_body": {"documents": DOCUMENTS}}, "tools"),
+        ({"logprobs": True, "extra_body": {"documents": DOCUMENTS}}, "logprobs"),
+        ({"n": 2, "extra_body": {"documents": DOCUMENTS}}, "n"),  # several answers need sampling
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            api.chat.completions.create(model="comi", messages=question, **options)
+        assert caught.value.body["param"] == param, caught.value.body
+    with pytest.raises(openai.APIStatusError) as caught:  # over the server's limit: 413
+        api.chat.completions.create(
+            model="comi", messages=question, max_tokens=10**6, extra_body={"documents": DOCUMENTS}
+        )
+    assert caught.value.status_code == 413 and caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(
+            model="comi", messages=[{"role": "system", "content": "be brief"}, *question],
+            extra_body={"documents": DOCUMENTS},
+        )  # fmt: skip
+    assert caught.value.body["param"] == "messages[0]"
+
+
+def test_langchain_chat_openai_answers_as_generate(served, service, tokenizer):
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        base_url=service["url"] + "/v1", api_key="secret", model="comi", temperature=0, max_tokens=NEW_TOKENS,
+        max_retries=0, extra_body={"documents": DOCUMENTS, "merge_size": 4},
+    )  # fmt: skip
+    expected, _ = _expected_text(served, tokenizer, QUESTIONS[0])
+    assert chat.invoke(QUESTIONS[0]).content == expected
+    assert "".join(chunk.content for chunk in chat.stream(QUESTIONS[0])) == expected
+
+
+def test_health_metrics_and_json_without_content_type(service):
+    status, public = _get(service["url"] + "/health", key=None)
+    assert status == 200 and public == {"status": "ok"}  # nothing internal without the key
+    status, private = _get(service["url"] + "/health")
+    assert private["decoder"]["url"].startswith("http://127.0.0.1:") and "cache" in private
+    request = urllib.request.Request(service["url"] + "/metrics", headers={"Authorization": "Bearer secret"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read().decode()
+    for name in (
+        "comi_requests_total", "comi_request_phase_seconds_bucket", "comi_waiting_questions", "comi_cache_hits_total",
+        "comi_tokens_total",
+    ):  # fmt: skip
+        assert name in text, name
+    assert _get(service["url"] + "/metrics", key=None)[0] == 401
+    # What `curl -d` sends: no JSON Content-Type.
+    body = json.dumps({"context": CONTEXTS[0], "question": QUESTIONS[0]}).encode()
+    form = {"Authorization": "Bearer secret", "Content-Type": "application/x-www-form-urlencoded"}
+    with urllib.request.urlopen(urllib.request.Request(service["url"] + "/v1/answer", data=body, headers=form)) as r:
+        assert r.status == 200 and "answer" in json.loads(r.read())
+
+
+def test_limits_refuse_before_any_work_chunked_bodies_too(served):
+    proxy = TCPProxy(served["vllm"].port)
+    process, url = _start_comi_serve(served, [proxy], "--max-request-bytes", "100000", "--max-questions", "8")
+    try:
+        import httpx
+
+        headers = {"Authorization": "Bearer secret"}
+
+        def chunks():
+            for _ in range(20):  # 2 MB, no Content-Length: counted as it arrives
+                yield b" " * 100_000
+
+        response = httpx.post(url + "/v1/answer", content=chunks(), headers=headers, timeout=60)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        response = httpx.post(
+            url + "/v1/answer", json={"context": CONTEXTS[0], "questions": QUESTIONS * 3}, headers=headers, timeout=60
+        )
+        assert response.status_code == 413 and response.json()["error"]["param"] == "questions"
+        assert _get(url + "/health")[1]["cache"]["misses"] == 0  # nothing was compressed
+    finally:
+        process.stop(timeout=30)
+        proxy.close()
+
+
+def test_a_small_request_is_not_held_behind_a_large_one(served):
+    """Compression in fair slices: a one-question request sent while a 200-question request is
+    being compressed is answered before it."""
+    proxy = TCPProxy(served["vllm"].port)
+    process, url = _start_comi_serve(served, [proxy], "--max-questions", "512")
+    try:
+        large = {"context": CONTEXTS[3], "questions": [f"{q} {i}" for i in range(70) for q in QUESTIONS[:3]][:200]}
+        small = {"context": CONTEXTS[1], "question": QUESTIONS[0]}
+        finished = {}
+
+        def send(name, body):
+            _post(url, dict(body, max_new_tokens=2))
+            finished[name] = time.monotonic()
+
+        async def both():
+            large_task = asyncio.create_task(asyncio.to_thread(send, "large", large))
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(send, "small", small)
+            await large_task
+
+        asyncio.run(both())
+        assert finished["small"] < finished["large"]
+    finally:
+        process.stop(timeout=30)
+        proxy.close()
+
+
+def test_a_client_that_goes_away_has_its_work_dropped(served):
+    """A 500-question request whose client disconnects: its remaining compression rounds are not run."""
+    import httpx
+
+    proxy = TCPProxy(served["vllm"].port)
+    process, url = _start_comi_serve(served, [proxy], "--max-questions", "512")
+    headers = {"Authorization": "Bearer secret"}
+
+    def rounds():
+        text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+        return float(re.search(r"^comi_compression_rounds_total (\S+)$", text, re.M).group(1))
+
+    try:
+        body = {"context": CONTEXTS[3], "questions": [f"{QUESTIONS[0]} {i}" for i in range(500)], "max_new_tokens": 2}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/answer", json=body, headers=headers, timeout=0.3)
+        time.sleep(1.5)  # the server notices within its polling interval
+        after = rounds()
+        time.sleep(2.0)
+        assert rounds() == after  # nothing more was compressed for it
+        assert after < 500 / 8  # fewer rounds than the whole request needed
+        assert _get(url + "/health")[0] == 200
+    finally:
+        process.stop(timeout=30)
+        proxy.close()

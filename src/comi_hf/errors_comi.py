@@ -25,7 +25,9 @@ __all__ = [
     "InvalidInputError",
     "MalformedDataError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "NonFiniteError",
+    "UnauthorizedError",
     "UnsupportedSettingError",
     "UsageError",
     "describe_value",
@@ -74,6 +76,20 @@ class UsageError(InvalidInputError):
     output path that cannot be written, a device this machine lacks."""
 
     code = "usage"
+
+
+class UnauthorizedError(COMIError):
+    """A request to `comi-serve` without its API key, or with a wrong one."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(COMIError):
+    """A request for a model the server does not serve (OpenAI's API names the model)."""
+
+    status = 404
+    code = "model_not_found"
 
 
 class MalformedDataError(InvalidInputError):

@@ -25,15 +25,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors_comi import InvalidInputError
+from ..processing_comi import decode_answers
+
+if TYPE_CHECKING:
+    from .decoder import Completion
+    from .service import Asked, COMIService
+
+Kind = Literal["chat", "completion"]
 
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
+    "completion_chunks",
+    "completion_response",
     "Document",
     "OpenAIRequest",
     "chat_question",
@@ -208,9 +218,66 @@ def generation_settings(request: OpenAIRequest) -> dict:
     return settings
 
 
-def response_id(kind: Literal["chat", "completion"]) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+def usage(asked: Asked, generated: int) -> dict:
+    """OpenAI's usage: the tokens sent (context and questions) and the tokens generated."""
+    prompt = asked.context_tokens + sum(len(question.query_ids) for question in asked.questions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def created() -> int:
-    return int(time.time())
+def _identity(kind: Kind, model: str, chunk: bool) -> dict:
+    objects = {("chat", False): "chat.completion", ("chat", True): "chat.completion.chunk"}
+    return {
+        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex,
+        "object": objects.get((kind, chunk), "text_completion"),
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
+def completion_response(
+    kind: Kind, model: str, asked: Asked, figures: dict, answers: list[list[Completion]], tokenizer
+) -> dict:
+    """A chat completion or a completion: choice `question * n + sequence`, COMI's figures in `comi`."""
+    choices, generated = [], 0
+    for position, sequences in enumerate(answers):
+        for sequence, completion in enumerate(sequences):
+            (text,) = decode_answers(tokenizer, [completion.token_ids])
+            choice = {"index": position * asked.sampling.n + sequence, "finish_reason": completion.finish_reason}
+            if kind == "chat":
+                choice.update(message={"role": "assistant", "content": text}, logprobs=None)
+            else:
+                choice.update(text=text, logprobs=None)
+            choices.append(choice)
+            generated += len(completion.token_ids)
+    return {**_identity(kind, model, False), "choices": choices, "usage": usage(asked, generated), "comi": figures}
+
+
+async def completion_chunks(
+    kind: Kind, model: str, service: COMIService, asked: Asked, include_usage: bool = False
+) -> AsyncIterator[dict]:
+    """A streamed chat completion or completion (`/v1/answer`'s stream too): OpenAI's chunks as vLLM
+    decodes, then one with COMI's figures (and `usage`, if asked for)."""
+    embeds = await service.compress(asked)
+    identity = _identity(kind, model, True)
+    n = asked.sampling.n
+    if kind == "chat":  # OpenAI's first chunk names the role
+        roles = [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            for i in range(len(embeds) * n)
+        ]
+        yield {**identity, "choices": roles}
+    generated = 0
+    async for decoded in service.stream(asked, embeds):
+        index = decoded.question * n + decoded.sequence
+        if kind == "chat":
+            delta = {"content": decoded.text} if decoded.text else {}
+            choice = {"index": index, "delta": delta, "finish_reason": decoded.finish_reason}
+        else:
+            choice = {"index": index, "text": decoded.text, "finish_reason": decoded.finish_reason}
+        if decoded.finish_reason is not None:
+            generated += decoded.tokens
+        yield {**identity, "choices": [choice]}
+    final = {**identity, "choices": [], "comi": service.figures(asked, embeds)}
+    if include_usage:
+        final["usage"] = usage(asked, generated)
+    yield final

@@ -16,7 +16,6 @@ private network) and expose only this service.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
 import hmac
@@ -26,7 +25,6 @@ import os
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,15 +34,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
-from ..errors_comi import COMIError, DecoderError, DecoderUnavailableError, UsageError
+from ..errors_comi import (
+    COMIError,
+    DecoderError,
+    DecoderUnavailableError,
+    ModelNotFoundError,
+    UnauthorizedError,
+    UsageError,
+)
 from ..loading import check_device
-from ..processing_comi import StreamedAnswer, decode_answers
 from . import openai_api
-from .admission import BodyReader, FairCompressor, Limits, unless_disconnected
-from .client import COMIServingClient, Question
-from .decoder import Completion, VLLMReplicas, VLLMServerDecoder
-from .metrics import ServingMetrics
-from .sampling import VLLMSampling, vllm_sampling
+from .admission import BodyReader, Limits, unless_disconnected
+from .client import COMIServingClient
+from .decoder import VLLMReplicas, VLLMServerDecoder
+from .service import COMIService
 
 __all__ = ["AnswerRequest", "create_app", "run"]
 
@@ -102,16 +105,6 @@ _OPENAI_FIELDS = {
 _JSON_PATHS = ("/v1/answer", "/v1/chat/completions", "/v1/completions")
 
 
-@dataclass
-class _Asked:
-    """A checked request: its questions, how they group into inputs, and how to decode them."""
-
-    questions: list[Question]
-    spans: list[tuple[int, int, bool]]
-    sampling: VLLMSampling
-    merge_size: int | None
-
-
 def create_app(
     client: COMIServingClient,
     *,
@@ -124,34 +117,32 @@ def create_app(
     """The ASGI app of `comi-serve` around a [`COMIServingClient`] whose decoder is a vLLM server.
 
     `/v1/answer` (COMI's own API), `/v1/chat/completions`, `/v1/completions` and `/v1/models`
-    (OpenAI's: `openai_api.py`), `/health`, `/metrics`. Requests are checked against `limits` before
-    any work, compressed fairly (`admission.FairCompressor`), and decoded by vLLM.
+    (OpenAI's: `openai_api.py`), `/health`, `/metrics`. A request is checked against `limits`
+    before any work, compressed in fair turns with the others, and decoded by vLLM
+    (`service.COMIService`); with `api_key`, every endpoint but `/health` needs it.
     """
-    limits = limits or Limits()
-    metrics: ServingMetrics | None = None
-    compressor = FairCompressor(
-        client, slice_questions, round_questions, on_round=lambda questions, seconds: metrics.rounds.inc()
-    )
-    metrics = ServingMetrics(client.cache, lambda: (compressor.waiting_requests, compressor.waiting_questions))
+    service = COMIService(client, limits or Limits(), slice_questions, round_questions)
     log = logging.getLogger("comi_hf.serving")
+    started_at = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await compressor.aclose()
-        await client.decoder.aclose()
+        await service.aclose()
 
     app = FastAPI(title="comi-serve", description="COMI question answering, the decoder on vLLM.", lifespan=lifespan)
 
     def refusal(problem: COMIError, fields: dict | None = None) -> JSONResponse:
         """The answer to a `COMIError`: its status, code and field decide, never its wording. The
         body is OpenAI's error shape, so that OpenAI clients raise their own typed exceptions."""
+        if isinstance(problem, DecoderUnavailableError):
+            client.forget_connection()  # checked again at the next request
         if isinstance(problem, DecoderError) and (problem.url or problem.detail):
             log.warning("%s [decoder %s: %s]", problem, problem.url, problem.detail)
-        field_name = (fields or {}).get(problem.field, problem.field)
         kind = "server_error" if problem.status >= 500 else "invalid_request_error"
         if problem.status == 401:
             kind = "authentication_error"
+        field_name = (fields or {}).get(problem.field, problem.field)
         body = {"message": str(problem), "type": kind, "param": field_name, "code": problem.code}
         return JSONResponse(status_code=problem.status, content={"error": body})
 
@@ -172,127 +163,62 @@ def create_app(
                 fields.append(location[0])
         # A body that is not JSON has no field at fault (its location is a character position);
         # otherwise the first field named is the param.
-        problem = COMIError("invalid request: " + "; ".join(problems), field=fields[0] if fields else None)
-        return refusal(problem)
+        return refusal(COMIError("invalid request: " + "; ".join(problems), field=fields[0] if fields else None))
 
-    app.add_middleware(
-        BodyReader, max_bytes=limits.max_request_bytes, json_paths=_JSON_PATHS, refuse=lambda problem: refusal(problem)
-    )
+    app.add_middleware(BodyReader, max_bytes=service.limits.max_request_bytes, json_paths=_JSON_PATHS, refuse=refusal)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        open_paths = ("/health",)
-        if request.url.path not in open_paths and not authorized(request):
-            response = refusal(_Unauthorized("missing or wrong API key (send `Authorization: Bearer <key>`)"))
+        if request.url.path != "/health" and not authorized(request):
+            response = refusal(UnauthorizedError("missing or wrong API key (send `Authorization: Bearer <key>`)"))
         else:
             response = await call_next(request)
-        metrics.observe(request.url.path, response.status_code)
+        service.metrics.observe(request.url.path, response.status_code)
         return response
 
-    async def ask(inputs: dict, merge_size: int | None, seed: int | None, settings: dict, questions: int) -> _Asked:
-        """Everything checked before any compression: settings, limits, inputs, the decoder's means."""
-        sampling = vllm_sampling(client.prompt_encoder.generation_config, seed=seed, **settings)
-        limits.check(questions, sampling.n, sampling.max_tokens)
-        asked, spans = client.questions(inputs, merge_size, sampling.max_tokens)
-        await client.check_decoder(sampling)
-        return _Asked(asked, spans, sampling, merge_size)
-
-    async def compress(asked: _Asked) -> list[torch.Tensor]:
-        embeds, waited, compressing = await compressor.prompt_embeds(asked.questions, asked.merge_size)
-        metrics.phases(queue=waited, compression=compressing)
-        for question, prompt in zip(asked.questions, embeds, strict=True):
-            metrics.count_tokens(context=len(question.context_ids) + len(question.query_ids))
-            metrics.count_tokens(memory=prompt.shape[0] - len(question.query_ids))
-        return embeds
-
-    async def answer_all(asked: _Asked) -> tuple[list[torch.Tensor], list[list[Completion]]]:
-        embeds = await compress(asked)
+    async def respond(request: Request, prepare, shape, fields: dict | None = None) -> Response:
+        """`shape(await prepare())`, dropped if the client goes away; a `COMIError` is refused."""
         started = time.perf_counter()
-        completions = await client.decoder.complete_many(embeds, asked.sampling)
-        metrics.phases(decoding=time.perf_counter() - started)
-        metrics.count_tokens(generated=sum(len(c.token_ids) for sequences in completions for c in sequences))
-        return embeds, completions
 
-    async def respond(request: Request, work, fields: dict | None = None) -> JSONResponse:
-        """Run `work` (an awaitable giving the response), dropped if the client goes away; a
-        `COMIError` is refused, an unreachable decoder forgotten until it answers again."""
-        started = time.perf_counter()
+        async def work():
+            asked = await prepare()
+            embeds, answers = await service.answer(asked)
+            return shape(embeds, answers, asked)
+
         try:
-            response = await unless_disconnected(request.is_disconnected, work)
+            content = await unless_disconnected(request.is_disconnected, work())
         except COMIError as problem:
-            if isinstance(problem, DecoderUnavailableError):
-                client.forget_connection()
             return refusal(problem, fields)
-        if response is None:  # the client went away: nobody reads this
-            return JSONResponse(status_code=499, content={})
-        metrics.phases(total=time.perf_counter() - started)
-        response.headers["X-Process-Time"] = f"{time.perf_counter() - started:.4f}"
-        return response
+        if content is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        seconds = time.perf_counter() - started
+        service.metrics.phases(total=seconds)
+        return JSONResponse(content, headers={"X-Process-Time": f"{seconds:.4f}"})
 
-    def stream(request: Request, events, fields: dict | None = None) -> StreamingResponse:
-        """Server-sent events from `events` (an async iterator of JSON-able chunks), then `[DONE]`;
-        a `COMIError` after the first event is sent as an `error` event."""
+    async def stream(prepare, chunks_of, fields: dict | None = None) -> Response:
+        """Server-sent events: `chunks_of(asked)`'s chunks, then `data: [DONE]`. The request is
+        checked before the response starts (a refusal is a plain error response); a `COMIError`
+        later is sent as an `error` event. A client that goes away cancels the stream."""
         started = time.perf_counter()
-
-        async def lines():
-            first = True
-            try:
-                async for chunk in events:
-                    if first and "error" not in chunk:
-                        metrics.first_token.observe(time.perf_counter() - started)
-                        first = False
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except COMIError as problem:
-                if isinstance(problem, DecoderUnavailableError):
-                    client.forget_connection()
-                yield f"data: {refusal(problem, fields).body.decode()}\n\n"
-            metrics.phases(total=time.perf_counter() - started)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def prepared_stream(prepare, chunks, fields):
-        """A stream whose request is checked before the response starts: a refusal is a plain error
-        response (a 4xx status the client sees), not an event."""
         try:
             asked = await prepare()
         except COMIError as problem:
-            if isinstance(problem, DecoderUnavailableError):
-                client.forget_connection()
-            return None, refusal(problem, fields)
-        return asked, None
+            return refusal(problem, fields)
 
-    async def decoded_events(asked: _Asked, embeds: list[torch.Tensor]):
-        """`(question, sequence, text delta, finish reason)` as vLLM decodes, every question's
-        sequences streamed at once; the deltas of one sequence joined are its answer."""
-        queue: asyncio.Queue = asyncio.Queue()
-        started = time.perf_counter()
-
-        async def one(position: int, prompt: torch.Tensor):
-            texts: dict[int, StreamedAnswer] = {}
-            async for tokens in client.decoder.stream(prompt, asked.sampling):
-                text = texts.setdefault(tokens.sequence, StreamedAnswer(client.tokenizer))
-                delta = text.add(tokens.token_ids)
-                metrics.count_tokens(generated=len(tokens.token_ids))
-                if tokens.finish_reason is not None:
-                    delta += text.finish()
-                if delta or tokens.finish_reason is not None:
-                    await queue.put((position, tokens.sequence, delta, tokens.finish_reason, len(text.token_ids)))
-
-        async def all_of_them():
+        async def events():
+            first = True
             try:
-                await asyncio.gather(*(one(position, prompt) for position, prompt in enumerate(embeds)))
-            finally:
-                await queue.put(None)
+                async for chunk in chunks_of(asked):
+                    if first and chunk["choices"]:
+                        service.metrics.first_token.observe(time.perf_counter() - started)
+                        first = False
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except COMIError as problem:
+                yield f"data: {refusal(problem, fields).body.decode()}\n\n"
+            service.metrics.phases(total=time.perf_counter() - started)
+            yield "data: [DONE]\n\n"
 
-        task = asyncio.create_task(all_of_them())
-        try:
-            while (item := await queue.get()) is not None:
-                yield item
-            await task  # its exception, if any
-            metrics.phases(decoding=time.perf_counter() - started)
-        finally:
-            task.cancel()
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ COMI's API
     @app.post("/v1/answer")
@@ -305,58 +231,24 @@ def create_app(
         count = len(body.questions) if body.questions is not None else 1
 
         def prepare():
-            return ask(inputs, body.merge_size, body.seed, settings, count)
+            return service.ask(inputs, body.merge_size, body.seed, settings, count)
 
         if body.stream:
-            asked, refused = await prepared_stream(prepare, None, None)
-            if refused is not None:
-                return refused
-            return stream(request, _answer_chunks(asked), None)
+            return await stream(
+                prepare, lambda asked: openai_api.completion_chunks("completion", served_model_name, service, asked)
+            )
 
-        async def work():
-            asked = await prepare()
-            embeds, completions = await answer_all(asked)
+        def shape(embeds, completions, asked):
             (result,) = client.results(asked.questions, asked.spans, embeds, completions, body.return_token_ids)
-            return JSONResponse(result)
+            return result
 
-        return await respond(request, work())
-
-    async def _answer_chunks(asked: _Asked):
-        """`/v1/answer`'s stream: text-completion chunks, choice `question * n + sequence`, then the
-        COMI figures, in `pipeline("comi-qa")`'s words."""
-        embeds = await compress(asked)
-        identity = {"id": openai_api.response_id("completion"), "object": "text_completion"}
-        identity.update(created=openai_api.created(), model=served_model_name)
-        async for position, sequence, delta, finish, _ in decoded_events(asked, embeds):
-            choice = {"index": position * asked.sampling.n + sequence, "text": delta, "finish_reason": finish}
-            yield {**identity, "choices": [choice]}
-        memory = [
-            prompt.shape[0] - len(question.query_ids) for prompt, question in zip(embeds, asked.questions, strict=True)
-        ]
-        context_tokens = len(asked.questions[0].context_ids)
-        yield {**identity, "choices": [], "comi": _figures(context_tokens, memory)}
+        return await respond(request, prepare, shape)
 
     # ------------------------------------------------------------------ OpenAI's API
     @app.get("/v1/models")
     async def models():
         entry = {"id": served_model_name, "object": "model", "created": started_at, "owned_by": "comi_hf"}
         return {"object": "list", "data": [entry]}
-
-    def check_model(name: str) -> None:
-        if name != served_model_name:
-            raise _ModelNotFound(f"the model `{name}` does not exist here; this server serves `{served_model_name}`.")
-
-    def openai_inputs(body: openai_api.OpenAIRequest, questions: list[str]) -> tuple[dict, dict]:
-        check_model(body.model)
-        body.refuse_what_comi_cannot_honour()
-        context = openai_api.documents_context(body.documents)
-        settings = openai_api.generation_settings(body)
-        inputs = (
-            {"context": context, "questions": questions}
-            if len(questions) > 1
-            else {"context": context, "question": questions[0]}
-        )
-        return inputs, settings
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: openai_api.ChatCompletionRequest):
@@ -366,140 +258,58 @@ def create_app(
     async def completions(request: Request, body: openai_api.CompletionRequest):
         return await openai_endpoint(request, body, "completion", lambda: openai_api.completion_questions(body.prompt))
 
-    async def openai_endpoint(request: Request, body, kind: str, questions_of):
+    async def openai_endpoint(request: Request, body: openai_api.OpenAIRequest, kind: str, questions_of):
         async def prepare():
+            if body.model != served_model_name:
+                raise ModelNotFoundError(
+                    f"the model `{body.model}` does not exist here; this server serves `{served_model_name}`.",
+                    field="model",
+                )
+            body.refuse_what_comi_cannot_honour()
             questions = questions_of()
-            inputs, settings = openai_inputs(body, questions)
-            return await ask(inputs, body.merge_size, body.seed, settings, len(questions))
+            inputs = {"context": openai_api.documents_context(body.documents)}
+            inputs.update({"questions": questions} if len(questions) > 1 else {"question": questions[0]})
+            settings = openai_api.generation_settings(body)
+            return await service.ask(inputs, body.merge_size, body.seed, settings, len(questions))
 
         if body.stream:
-            asked, refused = await prepared_stream(prepare, None, _OPENAI_FIELDS)
-            if refused is not None:
-                return refused
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return stream(request, _openai_chunks(kind, asked, include_usage), _OPENAI_FIELDS)
 
-        async def work():
-            asked = await prepare()
-            embeds, answers = await answer_all(asked)
-            return JSONResponse(_openai_response(kind, asked, embeds, answers))
+            def chunks(asked):
+                return openai_api.completion_chunks(kind, served_model_name, service, asked, include_usage)
 
-        return await respond(request, work(), _OPENAI_FIELDS)
+            return await stream(prepare, chunks, _OPENAI_FIELDS)
 
-    def _openai_response(kind: str, asked: _Asked, embeds, answers: list[list[Completion]]) -> dict:
-        choices, generated = [], 0
-        for position, sequences in enumerate(answers):
-            for sequence, completion in enumerate(sequences):
-                (text,) = decode_answers(client.tokenizer, [completion.token_ids])
-                choice = {"index": position * asked.sampling.n + sequence, "finish_reason": completion.finish_reason}
-                if kind == "chat":
-                    choice.update(message={"role": "assistant", "content": text}, logprobs=None)
-                else:
-                    choice.update(text=text, logprobs=None)
-                choices.append(choice)
-                generated += len(completion.token_ids)
-        return {
-            "id": openai_api.response_id(kind),
-            "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": openai_api.created(),
-            "model": served_model_name,
-            "choices": choices,
-            "usage": _usage(asked, generated),
-            "comi": _figures(len(asked.questions[0].context_ids), _memory(asked, embeds)),
-        }
+        def shape(embeds, answers, asked):
+            figures = service.figures(asked, embeds)
+            return openai_api.completion_response(kind, served_model_name, asked, figures, answers, client.tokenizer)
 
-    async def _openai_chunks(kind: str, asked: _Asked, include_usage: bool):
-        embeds = await compress(asked)
-        identity = {
-            "id": openai_api.response_id(kind),
-            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": openai_api.created(),
-            "model": served_model_name,
-        }
-        n = asked.sampling.n
-        if kind == "chat":  # OpenAI's first chunk names the role
-            roles = [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                for i in range(len(embeds) * n)
-            ]
-            yield {**identity, "choices": roles}
-        generated = 0
-        async for position, sequence, delta, finish, tokens in decoded_events(asked, embeds):
-            index = position * n + sequence
-            if kind == "chat":
-                choice = {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
-            else:
-                choice = {"index": index, "text": delta, "finish_reason": finish}
-            if finish is not None:
-                generated += tokens
-            yield {**identity, "choices": [choice]}
-        final = {
-            **identity,
-            "choices": [],
-            "comi": _figures(len(asked.questions[0].context_ids), _memory(asked, embeds)),
-        }
-        if include_usage:
-            final["usage"] = _usage(asked, generated)
-        yield final
+        return await respond(request, prepare, shape, _OPENAI_FIELDS)
 
     # ------------------------------------------------------------------ operations
     @app.get("/health")
     async def health(request: Request):
         """Ready or not, for anyone; the decoder, the model and the cache with the API key."""
         try:
-            connected = await client.connect()
-            ready, problem = True, None
+            connected, problem = await client.connect(), None
         except COMIError as error:
-            client.forget_connection()
-            ready, problem, connected = False, error, {}
-            if isinstance(error, DecoderError):
-                log.warning("health: %s [decoder %s: %s]", error, error.url, error.detail)
-        content = {"status": "ok" if ready else "unavailable"}
+            refusal(error)  # forgets the connection, logs what the decoder said
+            connected, problem = {}, error
+        content = {"status": "ok" if problem is None else "unavailable"}
         if authorized(request):
-            decoder = {"reachable": ready, **connected}
+            decoder = {"reachable": problem is None, **connected}
             if problem is not None:
                 decoder["error"] = str(problem)
             if isinstance(client.decoder, (VLLMServerDecoder, VLLMReplicas)):
                 decoder["url"] = client.decoder.url
             content.update(decoder=decoder, cache=client.cache.stats(), model=served_model_name)
-        return JSONResponse(status_code=200 if ready else 503, content=content)
+        return JSONResponse(status_code=200 if problem is None else 503, content=content)
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def _figures(context_tokens: int, memory: list[int]) -> dict:
-        """COMI's figures: the context's tokens, each question's memory vectors, the compression."""
-        ratios = [context_tokens / count for count in memory]
-        if len(memory) == 1:
-            return {"context_tokens": context_tokens, "memory_tokens": memory[0], "compression_ratio": ratios[0]}
-        return {"context_tokens": context_tokens, "memory_tokens": memory, "compression_ratio": ratios}
-
-    def _memory(asked: _Asked, embeds) -> list[int]:
-        return [
-            prompt.shape[0] - len(question.query_ids) for prompt, question in zip(embeds, asked.questions, strict=True)
-        ]
-
-    def _usage(asked: _Asked, generated: int) -> dict:
-        """OpenAI's usage: the tokens sent (context and questions) and the tokens generated."""
-        prompt = len(asked.questions[0].context_ids) + sum(len(question.query_ids) for question in asked.questions)
-        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
-
-    started_at = int(time.time())
     return app
-
-
-class _Unauthorized(COMIError):
-    status = 401
-    code = "invalid_api_key"
-
-
-class _ModelNotFound(COMIError):
-    status = 404
-    code = "model_not_found"
-
-    def __init__(self, message: str):
-        super().__init__(message, field="model")
 
 
 def check_url(url: str) -> str:
