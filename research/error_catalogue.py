@@ -49,6 +49,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -326,6 +327,71 @@ def run_python(function: Callable[[], object], timeout: float) -> Raw:
     return raw
 
 
+# The address space of a case run in a process of its own (`run_isolated`).
+ISOLATED_BYTES = 8 << 30
+
+
+def run_isolated(target: Callable, args: tuple, timeout: float) -> Raw:
+    """`target(*args)` in a new process whose address space is capped at `ISOLATED_BYTES`: for a
+    call that may try to allocate more memory than the machine has (uncapped, the kernel would kill
+    this process, and the machine is shared). `target` must be a module-level function."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_isolated_call, args=(target, args, queue))
+    raw = Raw()
+    started = time.monotonic()
+    with captured_fds():
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raw.timed_out = True
+    raw.seconds = time.monotonic() - started
+    if raw.timed_out:
+        return raw
+    try:
+        kind, *what = queue.get(timeout=5)
+    except Exception:  # noqa: BLE001 (nothing came back: the process died)
+        raw.exception = RuntimeError(f"the process died (exit status {process.exitcode})")
+        raw.trace = "process death"
+        return raw
+    if kind == "value":
+        raw.value = what[0]
+        return raw
+    names, message, field_name = what
+    family = getattr(comi_hf, names[0], None)
+    if "COMIError" in names and isinstance(family, type) and issubclass(family, COMIError):
+        raw.exception = family(message, field=field_name)
+    else:
+        raw.exception = type(names[0], (Exception,), {})(message)
+    raw.trace = raw.note = f"{names[0]}, in a process capped at {ISOLATED_BYTES >> 30} GiB of address space"
+    return raw
+
+
+def _isolated_call(target: Callable, args: tuple, queue) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (ISOLATED_BYTES, ISOLATED_BYTES))
+    try:
+        queue.put(("value", _describe_answer(target(*args))))
+    except BaseException as error:  # noqa: BLE001
+        names = [cls.__name__ for cls in type(error).__mro__]
+        queue.put(("error", names, str(error), getattr(error, "field", None)))
+
+
+def _made(value):
+    """A fixture's value: `value()` if it is a callable that makes it."""
+    return value() if callable(value) else value
+
+
+def from_pretrained(path: str):
+    """`COMIForConditionalGeneration.from_pretrained(path)` (module-level: `run_isolated` runs it)."""
+    return comi_hf.COMIForConditionalGeneration.from_pretrained(path)
+
+
 def run_http(url: str, method: str, body: bytes | None, headers: dict, timeout: float) -> Raw:
     raw = Raw()
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
@@ -462,7 +528,12 @@ def _classify_python(case: Case, raw: Raw) -> Outcome:
 
 def _describe_answer(value: object) -> str:
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            broken = int((~torch.isfinite(value)).sum())
+            return f"a {value.dtype} tensor {tuple(value.shape)}" + (f" holding {broken} NaN or inf" if broken else "")
         return f"tensor {tuple(value.shape)}: {value.tolist()[:2]}"[:200]
+    if isinstance(value, tuple) and value and all(isinstance(item, torch.Tensor) for item in value):
+        return "(" + ", ".join(_describe_answer(item) for item in value) + ")"
     if isinstance(value, dict):
         shown = {key: value[key] for key in ("answer", "answers") if key in value}
         return json.dumps(shown or {key: str(item)[:40] for key, item in value.items()})[:200]
@@ -796,13 +867,24 @@ class Catalogue:
             with serve_stops_at_uvicorn() if prog == "comi-serve" else contextlib.nullcontext():
                 return run_in_process(prog, args, data, self.timeout)
 
-        shown = sends or " ".join(str(arg) if not callable(arg) else f"<{_fixture_name(arg)}>" for arg in argv)
+        shown = sends or " ".join(_shown(arg) for arg in argv)
         if mode is not None:
             shown += f"  [subprocess{', ' + mode if mode != 'subprocess' else ''}]"
         self.add(Case(id, "cli", f"{prog} {shown}", expect, run, quick, server, prog))
 
     def py(self, id, sends, function, expect, quick=False, server=False):
         self.add(Case(id, "python", sends, expect, lambda: run_python(function, self.timeout), quick, server))
+
+    def py_isolated(self, id, sends, target, args, expect):
+        """A Python case in a process of its own, its memory capped (`run_isolated`); `args` may
+        hold callables (fixtures made when the case runs)."""
+
+        def run():
+            with captured_fds():
+                values = tuple(arg() if callable(arg) else arg for arg in args)
+            return run_isolated(target, values, self.timeout)
+
+        self.add(Case(id, "python", sends, expect, run))
 
     def http(self, id, sends, body=None, expect=None, raw=None, method="POST", path="/v1/answer", key=API_KEY,
              headers=None, server="main"):  # fmt: skip
@@ -820,8 +902,23 @@ class Catalogue:
         self.add(Case(id, "http", f"{method} {path} {sends}", expect, run, False, True))
 
 
+def _shown(arg) -> str:
+    """An argument as a shell would take it (a fixture as `<its name>`, bytes as Python writes them)."""
+    if callable(arg):
+        return f"<{_fixture_name(arg)}>"
+    return shlex.quote(arg) if isinstance(arg, str) else repr(arg)
+
+
 def _fixture_name(function) -> str:
-    return getattr(function, "__name__", "fixture").replace("<lambda>", "fixture")
+    """What a fixture argument is, for a case's description: a function's name, or for a lambda
+    the first string it holds (`lambda: fx.file("bom.txt", ...)`: bom.txt), else the last name it
+    reads (`lambda: fx.tiny_dir`: tiny_dir)."""
+    name = getattr(function, "__name__", "fixture")
+    code = getattr(function, "__code__", None)
+    if name != "<lambda>" or code is None:
+        return name
+    strings = [const for const in code.co_consts if isinstance(const, str) and const]
+    return strings[0] if strings else (code.co_names[-1] if code.co_names else "fixture")
 
 
 @contextlib.contextmanager
@@ -1505,8 +1602,12 @@ def convert_cases(cat: Catalogue) -> None:
     fx = cat.fx
 
     def base(checkpoint="good.safetensors", r="4", alpha="8", backbone=None, output=None, change=None):
+        def made():
+            return fx.checkpoint(checkpoint, change)
+
+        made.__name__ = checkpoint  # how the case shows it
         return [
-            lambda: fx.checkpoint(checkpoint, change),
+            made,
             "--backbone",
             backbone or (lambda: fx.plain_backbone_dir),
             "--output-dir",
@@ -2340,6 +2441,7 @@ def pipeline_cases(cat: Catalogue) -> None:
             err("InvalidInputError", field="context", message="vocabulary of 64"),
         ),
         ("context-negative-id", {"context": [5, -1], "question": QUESTION}, err("InvalidInputError", field="context")),
+        ("context-huge-id", {"context": [5, 2**70], "question": QUESTION}, err("InvalidInputError", field="context")),
         ("context-empty-list", {"context": [], "question": QUESTION}, err("InvalidInputError", field="context")),
         (
             "context-tensor",
@@ -2499,14 +2601,14 @@ def pipeline_cases(cat: Catalogue) -> None:
             )
             if name == "no-tokenizer":  # from_pretrained loads no tokenizer
                 continue
-            cat.py(
-                f"from-pretrained.{name}",
-                f"COMIForConditionalGeneration.from_pretrained(<{name}>)",
-                lambda model=model: comi_hf.COMIForConditionalGeneration.from_pretrained(
-                    model() if callable(model) else model
-                ),
-                err(message="not a COMI" if name == "other-model-type" else message),
-            )
+            sends = f"COMIForConditionalGeneration.from_pretrained(<{name}>)"
+            expect = err(message="not a COMI" if name == "other-model-type" else message)
+            if name == "no-config":
+                # In a process of its own: without config.json, from_pretrained builds COMIConfig()'s
+                # default backbone (7B parameters) and allocates it; the kernel killed this process.
+                cat.py_isolated(f"from-pretrained.{name}", sends, from_pretrained, (model,), expect)
+            else:
+                cat.py(f"from-pretrained.{name}", sends, lambda model=model: from_pretrained(_made(model)), expect)
 
 
 def client_cases(cat: Catalogue) -> None:
@@ -2583,6 +2685,7 @@ def client_cases(cat: Catalogue) -> None:
         ("context-surrogate", {"context": "a \ud800"}, err("InvalidInputError", field="context")),
         ("context-bools", {"context": [True, False]}, err("InvalidInputError", field="context")),
         ("context-outside-vocab", {"context": [5, 99999]}, err("InvalidInputError", field="context")),
+        ("context-huge-id", {"context": [5, 2**70]}, err("InvalidInputError", field="context")),
         ("question-empty", {"question": ""}, err("InvalidInputError", field="question")),
         ("question-none", {"question": _DROP}, bad),
         ("questions-empty", {"question": _DROP, "questions": []}, err("InvalidInputError", field="questions")),
@@ -3295,7 +3398,8 @@ def markdown(entries: list[dict], command: str, notes: list[str], seconds: float
         command,
         "```",
         "",
-        f"{len(entries)} cases in {seconds / 60:.1f} minutes.",
+        f"{len(entries)} cases in {seconds / 60:.1f} minutes (torch {torch.__version__}, "
+        f"{'with CUDA' if torch.cuda.is_available() else 'no CUDA'}).",
         "",
         count_table(entries),
         "",
