@@ -46,7 +46,7 @@ def _load_pipeline(args: argparse.Namespace):
 
     device = check_device(args.device)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tokenizer = load_comi(args.model or DEFAULT_MODEL, dtype=dtype)
+    model, tokenizer = load_comi(DEFAULT_MODEL if args.model is None else args.model, dtype=dtype)
     return pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device=device)
 
 

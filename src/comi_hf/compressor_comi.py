@@ -13,6 +13,7 @@ query ids ───┘                                                      │
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -162,6 +163,14 @@ class COMIPreTrainedModel(PreTrainedModel):
         says the source is not `what` and names the weights. `from_pretrained` and `from_backbone`
         load through here.
         """
+        local = os.path.isdir(str(pretrained_model_name_or_path))
+        if (
+            local
+            and kwargs.get("config") is None
+            and not os.path.isfile(os.path.join(pretrained_model_name_or_path, "config.json"))
+        ):
+            # transformers would build the config's defaults (a 7B backbone) and then fail on the weights.
+            raise ModelLoadError(f"{pretrained_model_name_or_path} has no config.json: it is not a model directory")
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )

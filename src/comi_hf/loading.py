@@ -63,7 +63,7 @@ def read_text(path: str, what: str) -> str:
         else:
             if Path(path).is_dir():
                 raise UsageError(f"the {what} {path} is a directory, not a file")
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise UsageError(f"no such {what}: {path}")
             data = Path(path).read_bytes()
     except OSError as error:
@@ -98,6 +98,8 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
     without config.json is not a model.
     """
     name = str(name)
+    if not name.strip():
+        raise UsageError(f"the {what} name is empty")
     path = Path(name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -145,6 +147,8 @@ def load_comi(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = "au
                     f"({'HF_HUB_OFFLINE is set' if _offline() else 'the Hub cannot be reached'})"
                 ) from error
             raise ModelLoadError(f"cannot load a COMI model from {name}: {first_line(error)}") from error
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{name}'s config.json holds a JSON {type(config).__name__}, not an object")
         model_type = config.get("model_type")
         if model_type != COMIConfig.model_type:
             raise ModelLoadError(

@@ -83,7 +83,8 @@ def check_merge_size(merge_size: object, field: str = "merge_size") -> int:
 
 
 def check_text(text: object, field: str, where: str = "") -> str:
-    """`text` if it is a string of valid Unicode that shows at least one character."""
+    """`text` (without a leading byte-order mark) if it is a string of valid Unicode that shows at
+    least one character."""
     if not isinstance(text, str):
         raise InvalidInputError(f"{where}`{field}` must be a string, got {describe_value(text)}.", field=field)
     try:
@@ -96,11 +97,21 @@ def check_text(text: object, field: str, where: str = "") -> str:
         ) from None
     if all(unicodedata.category(character) in _INVISIBLE_CATEGORIES for character in text):
         raise InvalidInputError(f"{where}`{field}` is empty (it has no visible character).", field=field)
-    return text
+    # A byte-order mark is an encoding's, not the text's (files read by comi-qa drop it too).
+    return text.removeprefix("\ufeff")
 
 
 def check_vocabulary(ids: torch.Tensor | list[int], field: str, vocab_size: int, where: str = "") -> None:
     """Refuse token ids outside `[0, vocab_size)`."""
+    if isinstance(ids, list):  # Python ints may exceed what a tensor holds
+        outside = sorted({token for token in ids if not 0 <= token < vocab_size})
+        if outside:
+            raise InvalidInputError(
+                f"{where}`{field}` holds token ids outside the model's vocabulary of {vocab_size} (e.g. "
+                f"{outside[:5]}); were they made with another tokenizer?",
+                field=field,
+            )
+        return
     ids = torch.as_tensor(ids)
     outside = (ids < 0) | (ids >= vocab_size)
     if bool(outside.any()):

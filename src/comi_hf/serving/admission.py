@@ -53,8 +53,8 @@ class Limits:
         """Refuse a request over a limit, naming it (before any compression)."""
         for count, most, what, field_name in (
             (questions, self.max_questions, "questions", "questions"),
-            (sequences, self.max_sequences, "sequences per question", "n"),
-            (new_tokens, self.max_new_tokens, "new tokens", "max_tokens"),
+            (sequences, self.max_sequences, "sequences per question", "num_return_sequences"),
+            (new_tokens, self.max_new_tokens, "new tokens", "max_new_tokens"),
         ):
             if count > most:
                 raise RequestTooLargeError(

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors_comi import (
     COMIError,
@@ -94,13 +95,16 @@ class AnswerRequest(BaseModel):
     stream: bool = False
 
 
-# OpenAI's names for the generation settings its API maps onto `generate`'s (a refusal names the field sent).
+# OpenAI's names for what its API maps onto COMI's inputs and `generate`'s settings: a refusal
+# names the field the client sent.
 _OPENAI_FIELDS = {
     "max_new_tokens": "max_tokens",
     "num_return_sequences": "n",
     "stop_strings": "stop",
     "do_sample": "temperature",
+    "context": "documents",
 }
+_QUESTION_FIELD = {"chat": "messages[0].content", "completion": "prompt"}
 # The endpoints whose body is JSON whatever its Content-Type says.
 _JSON_PATHS = ("/v1/answer", "/v1/chat/completions", "/v1/completions")
 
@@ -143,14 +147,16 @@ def create_app(
         if problem.status == 401:
             kind = "authentication_error"
         field_name = (fields or {}).get(problem.field, problem.field)
+        if fields and problem.field and problem.field.startswith("question"):  # question, questions[i]
+            field_name = fields.get("question", field_name)
         body = {"message": str(problem), "type": kind, "param": field_name, "code": problem.code}
         return JSONResponse(status_code=problem.status, content={"error": body})
 
     def authorized(request: Request) -> bool:
         if api_key is None:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -164,6 +170,13 @@ def create_app(
         # A body that is not JSON has no field at fault (its location is a character position);
         # otherwise the first field named is the param.
         return refusal(COMIError("invalid request: " + "; ".join(problems), field=fields[0] if fields else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """An unknown route, a method a route lacks, a body that cannot be parsed: the same error shape."""
+        problem = COMIError(str(exc.detail))
+        problem.status, problem.code = exc.status_code, "not_found" if exc.status_code == 404 else "invalid_request"
+        return refusal(problem)
 
     app.add_middleware(BodyReader, max_bytes=service.limits.max_request_bytes, json_paths=_JSON_PATHS, refuse=refusal)
 
@@ -259,6 +272,8 @@ def create_app(
         return await openai_endpoint(request, body, "completion", lambda: openai_api.completion_questions(body.prompt))
 
     async def openai_endpoint(request: Request, body: openai_api.OpenAIRequest, kind: str, questions_of):
+        fields = {**_OPENAI_FIELDS, "question": _QUESTION_FIELD[kind]}
+
         async def prepare():
             if body.model != served_model_name:
                 raise ModelNotFoundError(
@@ -278,13 +293,13 @@ def create_app(
             def chunks(asked):
                 return openai_api.completion_chunks(kind, served_model_name, service, asked, include_usage)
 
-            return await stream(prepare, chunks, _OPENAI_FIELDS)
+            return await stream(prepare, chunks, fields)
 
         def shape(embeds, answers, asked):
             figures = service.figures(asked, embeds)
             return openai_api.completion_response(kind, served_model_name, asked, figures, answers, client.tokenizer)
 
-        return await respond(request, prepare, shape, _OPENAI_FIELDS)
+        return await respond(request, prepare, shape, fields)
 
     # ------------------------------------------------------------------ operations
     @app.get("/health")
