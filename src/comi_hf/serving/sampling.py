@@ -83,6 +83,11 @@ class VLLMSampling:
     stop_token_ids: list[int] = field(default_factory=list)
     repetition_penalty: float = 1.0
 
+    @property
+    def seeded(self) -> bool:
+        """Whether vLLM samples with a generator of this request's own (a seed, and not greedy)."""
+        return self.seed is not None and self.temperature > 0
+
     def _common(self) -> dict:
         fields = {
             "max_tokens": self.max_tokens,
@@ -162,6 +167,14 @@ def vllm_sampling(base: GenerationConfig, seed: int | None = None, **generate_kw
         raise UnsupportedSettingError(
             "num_return_sequences > 1 needs do_sample=True (greedy decoding has one answer)",
             field="num_return_sequences",
+        )
+    if seed is not None and sampling and seed + value["num_return_sequences"] - 1 > SEED_RANGE[1]:
+        # Sequence i is sampled with seed + i (as vLLM seeds a request's sequences; comi_hf sends them apart).
+        raise InvalidInputError(
+            f"with {value['num_return_sequences']} return sequences, sampled with seeds `seed` to "
+            f"`seed` + {value['num_return_sequences'] - 1}, `seed` must be at most "
+            f"{SEED_RANGE[1] - value['num_return_sequences'] + 1}, got {seed}.",
+            field="seed",
         )
     penalty = value["repetition_penalty"]
     if not math.isfinite(penalty) or penalty <= 0:

@@ -379,6 +379,7 @@ def run(args: argparse.Namespace) -> None:
             vllm_url=urls[0] if len(urls) == 1 else urls,
             vllm_model=args.vllm_model,
             api_key=args.vllm_api_key,
+            vllm_max_num_batched_tokens=args.vllm_max_num_batched_tokens,
             device=device,
             dtype=dtype,
             cache_bytes=args.cache_bytes,
