@@ -54,7 +54,7 @@ def test_serving_doc_runs_as_written(tmp_path):
         for kind, code in blocks:
             for port, free in ports.items():
                 code = re.sub(rf"\b{port}\b", str(free), code)
-            server = next((ports[port] for marker, port in SERVERS.items() if marker in code), None)
+            server = next((ports[port] for marker, port in SERVERS.items() if marker in code and kind == "sh"), None)
             if server is not None:
                 assert f"--port {server}" in code, f"the doc no longer starts this server on its port:\n{code}"
                 with (tmp_path / f"server-{len(servers)}.log").open("w") as log:
