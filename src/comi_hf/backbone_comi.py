@@ -8,12 +8,10 @@ norm) start as copies of them (comi_hf's docs/method.md, "The model").
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
 from transformers import AutoConfig
-from transformers.utils import logging as hf_logging
 
 from .compressor_comi import NOT_IN_BACKBONE, COMIPreTrainedModel
 from .configuration_comi import COMIConfig
@@ -43,24 +41,17 @@ def load_backbone(
             "`COMIForConditionalGeneration.from_pretrained`."
         )
     config = COMIConfig(text_config=backbone_config, **config_overrides)
-    # A backbone checkpoint lacks the encoder and LSA weights by nature, which transformers
-    # would report as missing at length; drop that report and check the loading here instead.
-    report_logger = hf_logging.get_logger("transformers.modeling_utils")
-    report_logger.addFilter(_drop_loading_report)
-    try:
-        # The checkpoint's `model.*` / `lm_head.*` weights load into `decoder.*` (COMI's
-        # `base_model_prefix`); the encoder, LSA and MIG weights are new.
-        model, _ = cls.load_checked(
-            pretrained_model_name_or_path,
-            config=config,
-            expected_missing=NOT_IN_BACKBONE,
-            what="a backbone matching its own config",
-            ignore_mismatched_sizes=True,
-            **loading,
-            **hub,
-        )
-    finally:
-        report_logger.removeFilter(_drop_loading_report)
+    # The checkpoint's `model.*` / `lm_head.*` weights load into `decoder.*` (COMI's
+    # `base_model_prefix`); the encoder, LSA and MIG weights are new.
+    model, _ = cls.load_checked(
+        pretrained_model_name_or_path,
+        config=config,
+        expected_missing=NOT_IN_BACKBONE,
+        what="a backbone matching its own config",
+        ignore_mismatched_sizes=True,
+        **loading,
+        **hub,
+    )
     # The alpha/beta weights are new, and transformers applies `_keep_in_fp32_modules_strict`
     # only to weights found in the checkpoint.
     model.compressor.float()
@@ -86,10 +77,6 @@ def copy_backbone_into_encoder_and_lsa(model: COMIPreTrainedModel) -> None:
                         "load without CPU/disk offload, save, then use `from_pretrained`."
                     )
                 tensor.data.copy_(source[name].data.to(device=tensor.device, dtype=tensor.dtype))
-
-
-def _drop_loading_report(record: logging.LogRecord) -> bool:
-    return record.funcName != "log_state_dict_report"
 
 
 def _gathered(tensors: list[torch.Tensor]):

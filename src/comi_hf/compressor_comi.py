@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModel, DynamicCache
 from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging as hf_logging
 from transformers.utils.logging import tqdm
 
 from .configuration_comi import COMIConfig, draw_merge_size
@@ -171,9 +172,16 @@ class COMIPreTrainedModel(PreTrainedModel):
         ):
             # transformers would build the config's defaults (a 7B backbone) and then fail on the weights.
             raise ModelLoadError(f"{pretrained_model_name_or_path} has no config.json: it is not a model directory")
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
+        # transformers would print its report of missing and unexpected weights at length; COMI's
+        # policy below turns them into one error (or, for a backbone's missing encoder, none).
+        report_logger = hf_logging.get_logger("transformers.modeling_utils")
+        report_logger.addFilter(_drop_loading_report)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        finally:
+            report_logger.removeFilter(_drop_loading_report)
         problems = loading_report(loading_info, expected_missing)
         if problems:
             hint = ""
@@ -465,6 +473,10 @@ def loading_report(loading_info: dict, expected_missing=None) -> str:
     ]
     mismatched = [str(entry) for entry in loading_info.get("mismatched_keys", ())]
     return loading_problems(missing, loading_info.get("unexpected_keys", ()), mismatched)
+
+
+def _drop_loading_report(record) -> bool:
+    return record.funcName != "log_state_dict_report"
 
 
 def check_finite_weights(model: nn.Module, source: object) -> None:

@@ -235,11 +235,19 @@ def _convert(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(backbone_source)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load the tokenizer of {args.backbone}: {first_line(error)}") from None
+    if len(tokenizer) < 2:  # transformers builds an empty one for a backbone without tokenizer files
+        raise ModelLoadError(f"{args.backbone} has no tokenizer (its tokenizer has {len(tokenizer)} token(s))")
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    adapted = sum(".lora_A." in key for key in official)
+    lora = (
+        f"LoRA of {adapted} decoder modules merged with scaling {args.lora_alpha / args.lora_r:g}"
+        if adapted
+        else "no LoRA weights (a fully fine-tuned decoder): --lora-r and --lora-alpha were not needed"
+    )
     print(
         f"converted {path} -> {output_dir}: encoder {depths['encoder_layers']} layers, "
-        f"LSA {depths['num_mem_fusion_layers']} layers, LoRA merged with scaling {args.lora_alpha / args.lora_r:g}"
+        f"LSA {depths['num_mem_fusion_layers']} layers, {lora}"
     )
     for key, reason in dropped:
         print(f"  dropped {key}: {reason}")

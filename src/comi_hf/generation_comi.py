@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
 from torch import nn
@@ -170,9 +171,12 @@ def saved_generation_config(pretrained_model_name_or_path, loading_kwargs: dict,
     """The generation settings saved beside a checkpoint, else the official evaluation's (a
     checkpoint converted from the official code saves none)."""
     hub = {name: loading_kwargs[name] for name in _HUB_OPTIONS if name in loading_kwargs}
+    saved = os.path.join(str(pretrained_model_name_or_path), hub.get("subfolder", ""), "generation_config.json")
     try:
         return GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-    except OSError:
+    except (OSError, ValueError) as error:
+        if os.path.isfile(saved):  # there, but not a generation config: not to be replaced in silence
+            raise ModelLoadError(f"{saved} is not a valid generation config: {str(error).splitlines()[0]}") from None
         return official_generation_config(config)
 
 

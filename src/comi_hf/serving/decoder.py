@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from ..errors_comi import (
     DecoderUnavailableError,
     InvalidInputError,
     UnsupportedSettingError,
+    UsageError,
 )
 from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
 
@@ -37,6 +39,7 @@ __all__ = [
     "VLLMEngineDecoder",
     "VLLMReplicas",
     "VLLMServerDecoder",
+    "check_url",
     "encode_prompt_embeds",
     "missing_penalty_processor",
 ]
@@ -157,6 +160,25 @@ class SeededSamplingGuard:
             self._release(cost, seeded)
 
 
+def check_url(url: object, what: str = "`vllm_url`") -> str:
+    """`url` if it is an http(s) URL with a host (a vLLM server's base URL); `what` names it."""
+    if not isinstance(url, str):
+        raise UsageError(f"{what} must be a URL (a string), got {type(url).__name__}", field="vllm_url")
+    try:
+        # urlsplit raises on a bracketed host left open ("http://[::1"), .port on a port that is
+        # not a number or out of range.
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018
+    except ValueError as error:
+        raise UsageError(f"{what} {url!r}: {error}", field="vllm_url") from None
+    # urlsplit keeps spaces in a host ("http://exa mple"), which no server has.
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise UsageError(
+            f"{what} {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000", field="vllm_url"
+        )
+    return url
+
+
 class VLLMServerDecoder:
     """A vLLM OpenAI-compatible server started with `--enable-prompt-embeds`.
 
@@ -195,7 +217,7 @@ class VLLMServerDecoder:
                 field="max_num_batched_tokens",
             )
         self.guard = SeededSamplingGuard(max_num_batched_tokens) if max_num_batched_tokens else None
-        self.url = url.rstrip("/")
+        self.url = check_url(url).rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)

@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import time
-import urllib.parse
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from ..loading import check_device
 from . import openai_api
 from .admission import BodyReader, Limits, unless_disconnected
 from .client import COMIServingClient
-from .decoder import VLLMReplicas, VLLMServerDecoder
+from .decoder import VLLMReplicas, VLLMServerDecoder, check_url
 from .service import COMIService
 
 __all__ = ["AnswerRequest", "create_app", "run"]
@@ -327,23 +326,6 @@ def create_app(
     return app
 
 
-def check_url(url: str) -> str:
-    """`url` if it is an http(s) URL with a host (a vLLM server's base URL)."""
-    try:
-        # urlsplit raises on a bracketed host left open ("http://[::1"), .port on a port that is
-        # not a number or out of range.
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018
-    except ValueError as error:
-        raise UsageError(f"--vllm-url {url!r}: {error}", field="vllm_url") from None
-    # urlsplit keeps spaces in a host ("http://exa mple"), which no server has.
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise UsageError(
-            f"--vllm-url {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000", field="vllm_url"
-        )
-    return url
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to `host:port` and listening, or a [`UsageError`] saying why not (an unknown
     host, an address this machine lacks, a port in use or not allowed)."""
@@ -369,7 +351,7 @@ def run(args: argparse.Namespace) -> None:
     """`comi-serve` with parsed arguments (see `comi_hf_cli.serve_parser`); problems are `COMIError`s."""
     import uvicorn
 
-    urls = [check_url(url) for url in args.vllm_url]
+    urls = [check_url(url, "--vllm-url") for url in args.vllm_url]
     device = check_device(args.device)
     listener = listening_socket(args.host, args.port)
     try:
