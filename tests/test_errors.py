@@ -298,3 +298,18 @@ def test_the_errors_doc_runs_as_written():
     with contextlib.redirect_stdout(output):
         exec(compile(block, "docs/errors.md", "exec"), {})
     assert output.getvalue() == said + "\n"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (5, "`mig_options` must be a dict"),
+        ({"coarse": "false"}, "`coarse` must be True or False"),
+        ({"alpha_merge": math.nan}, "`alpha_merge` must be a finite number"),
+        ({"alpha_select": "high"}, "`alpha_select` must be a finite number"),
+        ({"gamma": 1.0}, r"Unknown MIG option\(s\) \['gamma'\]"),
+    ],
+)
+def test_mig_options_are_checked(options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        tiny_comi().compress(*random_batch(), mig_options=options)

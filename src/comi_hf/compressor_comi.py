@@ -13,6 +13,7 @@ query ids ───┘                                                      │
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -68,6 +69,27 @@ MIG_OPTIONS = (
 NOT_IN_BACKBONE = re.compile(r"^(encoder|lsa|compressor)\.")
 
 
+def check_mig_options(options: object) -> dict:
+    """Per-call MIG settings, checked: a dict of `MIG_OPTIONS`, the switches booleans, the weights
+    finite numbers (or 0-d tensors, as learnt weights are)."""
+    if not isinstance(options, dict):
+        raise InvalidInputError(f"`mig_options` must be a dict, got {type(options).__name__}.", field="mig_options")
+    unknown = sorted(set(options) - set(MIG_OPTIONS))
+    if unknown:
+        raise InvalidInputError(
+            f"Unknown MIG option(s) {unknown}; the options are {list(MIG_OPTIONS)}.", field="mig_options"
+        )
+    for name, value in options.items():
+        if name in MIG_OPTIONS[:4]:
+            if not isinstance(value, bool):
+                raise InvalidInputError(f"MIG option `{name}` must be True or False, got {value!r:.40}.", field=name)
+            continue
+        number = float(value) if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise InvalidInputError(f"MIG weight `{name}` must be a finite number, got {value!r:.40}.", field=name)
+    return options
+
+
 class COMIMIGCompressor(nn.Module):
     """The MIG stage: calls [`mig_compress`] with the config's switches and weights, read at each call.
 
@@ -99,12 +121,7 @@ class COMIMIGCompressor(nn.Module):
 
     def forward(self, hidden_states, query, attention_mask, merge_size: int, return_details=False, **options):
         """`(rows, n, hidden)` states, `(rows, hidden)` queries -> `(rows, M, hidden)` memory and its mask."""
-        unknown = sorted(set(options) - set(MIG_OPTIONS))
-        if unknown:
-            raise InvalidInputError(
-                f"Unknown MIG option(s) {unknown}; the options are {list(MIG_OPTIONS)}.", field="mig_options"
-            )
-        settings = {**self.settings(), **options}
+        settings = {**self.settings(), **check_mig_options(options)}
         return mig_compress(hidden_states, query, merge_size, attention_mask, **settings, return_details=return_details)
 
 
@@ -321,7 +338,13 @@ class COMICompressionModel(COMIPreTrainedModel):
         query_vector = torch.einsum("rt,rtd->rd", query_weights, query_hidden.to(query_weights.dtype))
         query_vector = query_vector / query_weights.sum(1, keepdim=True)
         memory, memory_mask, *details = self._mig(
-            context_hidden, query_vector, segment_mask, merge_size, return_details, row_query, mig_options or {}
+            context_hidden,
+            query_vector,
+            segment_mask,
+            merge_size,
+            return_details,
+            row_query,
+            check_mig_options({} if mig_options is None else mig_options),
         )
         memory = self._apply_lsa(memory, memory_mask)
         sample_memory, sample_mask = rows_to_samples(memory, memory_mask, row_query, num_queries)
