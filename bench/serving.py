@@ -20,6 +20,16 @@ answers equal (a)'s token for token.
     python bench/serving.py                        # 2K and 8K tokens, 64 questions over 16 documents, merge 8 and 32
     python bench/serving.py --quick                # a smoke test of the script (tiny sizes): not a measurement
     python bench/serving.py --device cuda          # the compressor on a GPU (with vLLM's CUDA build)
+    python bench/serving.py --mode load            # the load mode below (--mode both: the burst, then the load)
+
+The load mode (`--mode load`) drives `comi-serve` through the `openai` client, as users do: N
+concurrent clients (`--clients`) each ask one-question chat requests about a few shared documents
+(`extra_body={"documents": [document], "merge_size": m}`), one after another, (1) alone and
+(2) while `--large_requests` requests of `--large_questions` questions each (`/v1/completions`
+with a list of prompts) are in flight, started just before and sent again as they finish; then
+the same with `stream=True`, for the time to the first streamed token. Reported: answers per
+second, p50/p95/p99 latency of the small requests alone and with the large ones, the time to
+the first token, and the fairness ratio (p95 with the large requests / p95 alone; target <= 2).
 
 vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv.sh`).
 """
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,8 +49,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import numpy
+import openai
 import torch
 from common import (
     BackboneArguments,
@@ -70,6 +84,25 @@ class ServingArguments:
         default_factory=find_vllm_python, metadata={"help": "The Python of vLLM's environment."}
     )
     markdown: str | None = field(default=None, metadata={"help": "Write the table here (Markdown)."})
+    mode: Literal["burst", "load", "both"] | None = field(
+        default=None,
+        metadata={
+            "help": "burst: the three ways at once; load: the load mode; both. Default: burst (both with --quick)."
+        },
+    )
+
+
+@dataclass
+class LoadArguments:
+    """The load mode: small requests from concurrent openai clients, alone and with large requests in flight."""
+
+    load_context_tokens: int = field(default=2048, metadata={"help": "Length of each shared document in tokens."})
+    load_documents: int = field(default=4, metadata={"help": "Shared documents the requests ask about."})
+    load_merge_size: int = field(default=8, metadata={"help": "COMI's merge size in the load mode."})
+    clients: int = field(default=8, metadata={"help": "Concurrent clients sending one-question requests (N)."})
+    requests_per_client: int = field(default=6, metadata={"help": "One-question requests each client sends, in turn."})
+    large_requests: int = field(default=5, metadata={"help": "Large requests kept in flight in the second phase."})
+    large_questions: int = field(default=64, metadata={"help": "Questions in each large request."})
 
 
 class PeakRSS:
@@ -188,11 +221,13 @@ def run_full_context(vllm: VLLMServer, model_name: str, tokenizer, documents, qu
     return summary("(c) vLLM, full context", latencies, makespan, {"vLLM": decoder.peak})
 
 
-def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[ServerProcess, str]:
+def start_comi_serve(
+    model_dir: Path, vllm_url: str, args, log: Path, max_context_tokens: int, extra: list[str] = ()
+) -> tuple[ServerProcess, str]:
     port = free_port()
     command = [shutil.which("comi-serve"), "--model", str(model_dir), "--vllm-url", vllm_url, "--port", str(port)]
-    command += ["--device", args.device, "--max-context-tokens", str(2 * max(args.context_tokens))]
-    command += ["--log-level", "warning"]
+    command += ["--device", args.device, "--max-context-tokens", str(max_context_tokens)]
+    command += ["--log-level", "warning", *extra]
     with log.open("w") as output:  # the server keeps its own copy of the descriptor
         process = ServerProcess(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -209,24 +244,38 @@ def start_comi_serve(model_dir: Path, vllm_url: str, args, log: Path) -> tuple[S
 
 
 def main() -> None:
-    args, backbone_args, bench = parse_arguments(__doc__, ServingArguments, BackboneArguments, BenchArguments)
+    args, load_args, backbone_args, bench = parse_arguments(
+        __doc__, ServingArguments, LoadArguments, BackboneArguments, BenchArguments
+    )
+    mode = args.mode or ("both" if bench.quick else "burst")
     if bench.quick:
         backbone_args.use_quick_sizes()
         args.context_tokens, args.merge_sizes, args.documents, args.questions_per_document = [256], [8], 2, 2
         args.new_tokens, args.vllm_kv_cache_gib = 4, 1
+        load_args.load_context_tokens, load_args.load_documents, load_args.load_merge_size = 256, 2, 8
+        load_args.clients, load_args.requests_per_client, load_args.large_requests, load_args.large_questions = (
+            2,
+            2,
+            2,
+            8,
+        )
     if args.vllm_python is None:
         sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm_python)")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="comi-serving-bench-"))
-    longest = max(args.context_tokens) + 64 + args.new_tokens
-    model = backbone_args.model(max_positions=longest + 64, merge_size=min(args.merge_sizes))
+    lengths = [
+        *(args.context_tokens if mode != "load" else []),
+        *([load_args.load_context_tokens] if mode != "burst" else []),
+    ]
+    longest = max(lengths) + 64 + args.new_tokens
+    merges = [*(args.merge_sizes if mode != "load" else []), *([load_args.load_merge_size] if mode != "burst" else [])]
+    model = backbone_args.model(max_positions=longest + 64, merge_size=min(merges))
     model.generation_config.eos_token_id = None  # every method generates exactly --new_tokens tokens
     words = [f"w{i}" for i in range(min(2000, backbone_args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
     tokenizer = word_level_tokenizer(words)
     model.save_pretrained(work / "comi")
     tokenizer.save_pretrained(work / "comi")
     model.export_decoder(work / "decoder", tokenizer)
-    pipe = pipeline("comi-qa", model=model, tokenizer=tokenizer, device=args.device)
     generator = torch.Generator().manual_seed(0)
 
     def text(length: int) -> str:
@@ -234,63 +283,344 @@ def main() -> None:
 
     backbone = backbone_args.description()
     print(f"{backbone}; compressor on {machine_description(args.device)}; vLLM {args.vllm_python}")
-    rows = []
+    results = {"quick": bench.quick, "mode": mode, "backbone": backbone, "machine": machine_description(args.device)}
     vllm = VLLMServer(
         args.vllm_python, work / "decoder", max_model_len=longest + 64, log=work / "vllm.log",
         env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)},
     )  # fmt: skip
     with vllm:
-        name = str(work / "decoder")
-        for length in args.context_tokens:
-            documents = [text(length) for _ in range(args.documents)]
-            questions = [[text(12) for _ in range(args.questions_per_document)] for _ in documents]
-            total = args.documents * args.questions_per_document
-            print(f"\n{total} questions over {args.documents} documents of {length} tokens", flush=True)
-            full = run_full_context(vllm, name, tokenizer, documents, questions, args)
-            full.update(context_tokens=length)
-            rows.append(full)
-            print(_line(full), flush=True)
-            for merge in args.merge_sizes:
-                args.merge = merge
-                answers_a, pipeline_row = run_pipeline(pipe, documents, questions, args)
-                # A fresh comi-serve each time: its cache starts empty, as for new documents.
-                server, url = start_comi_serve(work / "comi", vllm.url, args, work / "comi-serve.log")
-                try:
-                    answers_b, served_row = run_comi_serve(
-                        url, server.pid, vllm.process.pid, documents, questions, args
-                    )
-                    health = httpx.get(url + "/health", timeout=30).json()
-                    served_row["comi_serve_cache"] = health["cache"]
-                finally:
-                    server.stop()
-                same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
-                for row in (pipeline_row, served_row):
-                    row.update(context_tokens=length, merge_size=merge)
-                served_row["answers_equal_pipeline"] = f"{same}/{total}"
-                served_row["speedup_over_full_context"] = served_row["answers_per_second"] / full["answers_per_second"]
-                served_row["speedup_over_pipeline"] = (
-                    served_row["answers_per_second"] / pipeline_row["answers_per_second"]
-                )
-                rows += [pipeline_row, served_row]
-                print(_line(pipeline_row), flush=True)
-                print(_line(served_row), flush=True)
-    results = {
-        "quick": bench.quick,
-        "backbone": backbone,
-        "machine": machine_description(args.device),
-        "documents": args.documents,
-        "questions_per_document": args.questions_per_document,
-        "new_tokens": args.new_tokens,
-        "rows": rows,
-    }
+        if mode != "load":
+            rows = run_burst(work, vllm, model, tokenizer, text, args)
+            results.update(
+                documents=args.documents,
+                questions_per_document=args.questions_per_document,
+                new_tokens=args.new_tokens,
+                rows=rows,
+            )
+        if mode != "burst":
+            results["load"] = run_load(work, vllm, text, args, load_args)
     write_json(bench.json, results)
-    table = markdown(rows)
+    tables = []
+    if mode != "load":
+        tables.append(markdown(results["rows"]))
+        if bench.plot:
+            plot(results["rows"], bench.plot)
+    if mode != "burst":
+        tables.append(load_markdown(results["load"]))
+        if bench.plot:
+            load_plot(
+                results["load"], bench.plot if mode == "load" else str(Path(bench.plot).with_suffix("")) + "-load.png"
+            )
+    table = "\n\n".join(tables)
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    if bench.plot:
-        plot(rows, bench.plot)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def run_burst(work: Path, vllm: VLLMServer, model, tokenizer, text, args) -> list[dict]:
+    """The burst: Q questions over D documents, all at once, the three ways (a), (b) and (c)."""
+    pipe = pipeline("comi-qa", model=model, tokenizer=tokenizer, device=args.device)
+    rows = []
+    name = str(work / "decoder")
+    for length in args.context_tokens:
+        documents = [text(length) for _ in range(args.documents)]
+        questions = [[text(12) for _ in range(args.questions_per_document)] for _ in documents]
+        total = args.documents * args.questions_per_document
+        print(f"\n{total} questions over {args.documents} documents of {length} tokens", flush=True)
+        full = run_full_context(vllm, name, tokenizer, documents, questions, args)
+        full.update(context_tokens=length)
+        rows.append(full)
+        print(_line(full), flush=True)
+        for merge in args.merge_sizes:
+            args.merge = merge
+            answers_a, pipeline_row = run_pipeline(pipe, documents, questions, args)
+            # A fresh comi-serve each time: its cache starts empty, as for new documents.
+            server, url = start_comi_serve(
+                work / "comi", vllm.url, args, work / "comi-serve.log", 2 * max(args.context_tokens)
+            )
+            try:
+                answers_b, served_row = run_comi_serve(url, server.pid, vllm.process.pid, documents, questions, args)
+                health = httpx.get(url + "/health", timeout=30).json()
+                served_row["comi_serve_cache"] = health["cache"]
+            finally:
+                server.stop()
+            same = sum(a == b for a, b in zip(answers_a, answers_b, strict=True))
+            for row in (pipeline_row, served_row):
+                row.update(context_tokens=length, merge_size=merge)
+            served_row["answers_equal_pipeline"] = f"{same}/{total}"
+            served_row["speedup_over_full_context"] = served_row["answers_per_second"] / full["answers_per_second"]
+            served_row["speedup_over_pipeline"] = served_row["answers_per_second"] / pipeline_row["answers_per_second"]
+            rows += [pipeline_row, served_row]
+            print(_line(pipeline_row), flush=True)
+            print(_line(served_row), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------- the load mode
+
+
+def percentiles(latencies: list[float]) -> dict:
+    """p50, p95 and p99 (linear interpolation between the ranks) and the mean, in seconds."""
+    figures = {f"p{q}_seconds": float(numpy.percentile(latencies, q)) for q in (50, 95, 99)}
+    figures["mean_seconds"] = statistics.fmean(latencies)
+    return figures
+
+
+async def scrape(client: httpx.AsyncClient, url: str, pattern: str) -> float:
+    """The sum of the Prometheus samples at `url` whose line matches `pattern` (a metric's name and labels)."""
+    text = (await client.get(url, timeout=30)).text
+    return sum(float(match) for match in re.findall(rf"^{pattern} (\S+)$", text, flags=re.MULTILINE))
+
+
+class LoadRun:
+    """Small one-question requests from `clients` concurrent `openai` clients (each its own connection
+    pool), alone or with large requests in flight, against one comi-serve."""
+
+    def __init__(self, url: str, vllm_url: str, model: str, documents: list[str], text, args, load_args):
+        self.url, self.vllm_url, self.model, self.documents = url, vllm_url, model, documents
+        self.text, self.args, self.load = text, args, load_args
+        self.large_latencies: list[float] = []
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+
+    def extra(self, document: str) -> dict:
+        return {"documents": [document], "merge_size": self.load.load_merge_size}
+
+    async def ask(self, client: openai.AsyncOpenAI, document: str, question: str, stream: bool):
+        """One question as a chat; its latency and, streamed, the time to its first non-empty delta."""
+        started = time.perf_counter()
+        settings = dict(model=self.model, max_tokens=self.args.new_tokens, temperature=0)
+        messages = [{"role": "user", "content": question}]
+        if not stream:
+            response = await client.chat.completions.create(
+                messages=messages, extra_body=self.extra(document), **settings
+            )
+            assert response.choices[0].message.content is not None
+            return time.perf_counter() - started, None
+        first, text = None, ""
+        response = await client.chat.completions.create(
+            messages=messages, stream=True, extra_body=self.extra(document), **settings
+        )
+        async for chunk in response:
+            delta = chunk.choices[0].delta.content if chunk.choices else None
+            if delta:
+                first = time.perf_counter() - started if first is None else first
+                text += delta
+        assert first is not None, "a stream without text"
+        return time.perf_counter() - started, first
+
+    async def small(self, stream: bool) -> dict:
+        """Every client sends `requests_per_client` one-question requests, one after another, each
+        about the next shared document (the clients start on different ones)."""
+        asked = [
+            [
+                (self.documents[(k + j) % len(self.documents)], self.text(12))
+                for j in range(self.load.requests_per_client)
+            ]
+            for k in range(self.load.clients)
+        ]
+        records = []
+
+        async def one_client(questions):
+            async with self.client() as client:
+                for document, question in questions:
+                    records.append(await self.ask(client, document, question, stream))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(questions) for questions in asked))
+        seconds = time.perf_counter() - started
+        latencies = [latency for latency, _ in records]
+        result = {
+            "requests": len(records),
+            "seconds": seconds,
+            "answers_per_second": len(records) / seconds,
+            "latency": percentiles(latencies),
+            "latencies": latencies,
+        }
+        if stream:
+            firsts = [first for _, first in records]
+            result.update(first_token=percentiles(firsts), first_tokens=firsts)
+        return result
+
+    async def large_loop(self, index: int, client: openai.AsyncOpenAI) -> None:
+        """One large request after another (a completion with `large_questions` prompts) until cancelled."""
+        while True:
+            prompts = [self.text(12) for _ in range(self.load.large_questions)]
+            started = time.perf_counter()
+            response = await client.completions.create(
+                model=self.model, prompt=prompts, max_tokens=self.args.new_tokens, temperature=0,
+                extra_body=self.extra(self.documents[index % len(self.documents)]),
+            )  # fmt: skip
+            assert len(response.choices) == self.load.large_questions
+            self.large_latencies.append(time.perf_counter() - started)
+
+    async def waiting(self, metrics: httpx.AsyncClient) -> tuple[float, float]:
+        """Requests waiting for compression in comi-serve, and requests running or waiting in vLLM."""
+        compressing = await scrape(metrics, self.url + "/metrics", "comi_waiting_requests")
+        decoding = await scrape(metrics, self.vllm_url + "/metrics", r"vllm:num_requests_(?:running|waiting)\{[^}]*\}")
+        return compressing, decoding
+
+    async def until(self, metrics: httpx.AsyncClient, ready, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ready(*await self.waiting(metrics)):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def run(self) -> dict:
+        phases = {}
+        async with httpx.AsyncClient() as metrics:
+            # Warm up: each document encoded once (then taken from comi-serve's cache, as shared
+            # documents are), vLLM's first batches run, a stream read.
+            async with self.client() as client:
+                await asyncio.gather(*(self.ask(client, document, self.text(12), False) for document in self.documents))
+                await self.ask(client, self.documents[0], self.text(12), True)
+            for stream in (False, True):
+                name = "streamed" if stream else "plain"
+                phases[f"alone_{name}"] = await self.small(stream)
+                print(_load_line(f"alone, {name}", phases[f"alone_{name}"]), flush=True)
+            large_clients = [self.client() for _ in range(self.load.large_requests)]
+            tasks = [asyncio.create_task(self.large_loop(i, c)) for i, c in enumerate(large_clients)]
+            # The small requests start once the large ones are in: queued for compression, or decoding.
+            count = self.load.large_requests
+            queued = await self.until(metrics, lambda compressing, decoding: max(compressing, decoding) >= count, 30)
+            try:
+                for stream in (False, True):
+                    name = "streamed" if stream else "plain"
+                    phases[f"large_{name}"] = await self.small(stream)
+                    print(_load_line(f"with large, {name}", phases[f"large_{name}"]), flush=True)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for client in large_clients:
+                    await client.close()
+            # The cancelled large requests leave comi-serve and vLLM (both drop a request whose client left).
+            idle = await self.until(metrics, lambda compressing, decoding: compressing == 0 and decoding == 0, 300)
+        return {"phases": phases, "large_queued_before_small": queued, "idle_after": idle}
+
+
+def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
+    """The load mode on a fresh comi-serve: small requests alone, then with large ones in flight."""
+    print(
+        f"\nload: {load_args.clients} clients x {load_args.requests_per_client} one-question requests about "
+        f"{load_args.load_documents} documents of {load_args.load_context_tokens} tokens (merge "
+        f"{load_args.load_merge_size}); then with {load_args.large_requests} requests of "
+        f"{load_args.large_questions} questions in flight",
+        flush=True,
+    )
+    documents = [text(load_args.load_context_tokens) for _ in range(load_args.load_documents)]
+    server, url = start_comi_serve(
+        work / "comi", vllm.url, args, work / "comi-serve-load.log", 2 * load_args.load_context_tokens,
+        ["--max-questions", str(max(256, load_args.large_questions))],
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        model = openai.OpenAI(base_url=url + "/v1", api_key="unused").models.list().data[0].id
+        run = LoadRun(url, vllm.url, model, documents, text, args, load_args)
+        measured = asyncio.run(run.run())
+    finally:
+        server.stop()
+    phases = measured["phases"]
+    alone, large = phases["alone_plain"]["latency"], phases["large_plain"]["latency"]
+    return {
+        "clients": load_args.clients,
+        "requests_per_client": load_args.requests_per_client,
+        "documents": load_args.load_documents,
+        "context_tokens": load_args.load_context_tokens,
+        "merge_size": load_args.load_merge_size,
+        "new_tokens": args.new_tokens,
+        "large_requests": load_args.large_requests,
+        "large_questions": load_args.large_questions,
+        "large_requests_finished": len(run.large_latencies),
+        "large_latencies": run.large_latencies,
+        "large_queued_before_small": measured["large_queued_before_small"],
+        "idle_after": measured["idle_after"],
+        "fairness_ratio": large["p95_seconds"] / alone["p95_seconds"],
+        "fairness_ratio_streamed": (
+            phases["large_streamed"]["latency"]["p95_seconds"] / phases["alone_streamed"]["latency"]["p95_seconds"]
+        ),
+        "seconds": time.perf_counter() - started,
+        "phases": phases,
+    }
+
+
+def _load_line(name: str, phase: dict) -> str:
+    latency = phase["latency"]
+    line = (
+        f"  {name:<22} {phase['answers_per_second']:7.2f} answers/s  p50 {latency['p50_seconds']:6.2f} s  "
+        f"p95 {latency['p95_seconds']:6.2f} s  p99 {latency['p99_seconds']:6.2f} s"
+    )
+    if "first_token" in phase:
+        first = phase["first_token"]
+        line += f"  first token p50 {first['p50_seconds']:6.2f} s  p95 {first['p95_seconds']:6.2f} s"
+    return line
+
+
+def load_markdown(load: dict) -> str:
+    lines = [
+        "| small requests | answers/s | p50 (s) | p95 (s) | p99 (s) | first token p50 (s) | first token p95 (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {
+        "alone_plain": "alone",
+        "large_plain": f"with {load['large_requests']} x {load['large_questions']} questions in flight",
+        "alone_streamed": "alone, streamed",
+        "large_streamed": f"with {load['large_requests']} x {load['large_questions']} in flight, streamed",
+    }
+    for key, name in names.items():
+        phase = load["phases"][key]
+        latency, first = phase["latency"], phase.get("first_token")
+        firsts = f"{first['p50_seconds']:.2f} | {first['p95_seconds']:.2f}" if first else " | "
+        lines.append(
+            f"| {name} | {phase['answers_per_second']:.2f} | {latency['p50_seconds']:.2f} | "
+            f"{latency['p95_seconds']:.2f} | {latency['p99_seconds']:.2f} | {firsts} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Fairness ratio (p95 with the large requests / p95 alone): {load['fairness_ratio']:.2f} "
+        f"(streamed: {load['fairness_ratio_streamed']:.2f}); target <= 2."
+    )
+    return "\n".join(lines)
+
+
+def load_plot(load: dict, path: str) -> None:
+    """The small requests' latencies as CDFs: alone and with the large requests in flight, plain and streamed."""
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    styles = {
+        "alone_plain": ("alone", "tab:blue", "-"),
+        "large_plain": (
+            f"with {load['large_requests']} x {load['large_questions']} questions in flight",
+            "tab:red",
+            "-",
+        ),
+        "alone_streamed": ("alone, streamed", "tab:blue", "--"),
+        "large_streamed": ("with the large ones, streamed", "tab:red", "--"),
+    }
+    for key, (label, color, line) in styles.items():
+        latencies = sorted(load["phases"][key]["latencies"])
+        fractions = [(i + 1) / len(latencies) for i in range(len(latencies))]
+        p95 = load["phases"][key]["latency"]["p95_seconds"]
+        axis.step(latencies, fractions, where="post", color=color, linestyle=line, label=f"{label} (p95 {p95:.2f} s)")
+    for key, color in (("alone_streamed", "tab:blue"), ("large_streamed", "tab:red")):
+        firsts = sorted(load["phases"][key]["first_tokens"])
+        fractions = [(i + 1) / len(firsts) for i in range(len(firsts))]
+        axis.step(
+            firsts, fractions, where="post", color=color, linestyle=":", label=f"first token, {key.split('_')[0]}"
+        )
+    axis.axhline(0.95, color="grey", linewidth=0.5)
+    axis.set_xlabel("seconds")
+    axis.set_ylabel("fraction of one-question requests")
+    axis.set_title(f"fairness ratio (p95 with / alone): {load['fairness_ratio']:.2f}")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def _line(row: dict) -> str:
