@@ -24,12 +24,14 @@ answers equal (a)'s token for token.
 
 The load mode (`--mode load`) drives `comi-serve` through the `openai` client, as users do: N
 concurrent clients (`--clients`) each ask one-question chat requests about a few shared documents
-(`extra_body={"documents": [document], "merge_size": m}`), one after another, (1) alone and
-(2) while `--large_requests` requests of `--large_questions` questions each (`/v1/completions`
-with a list of prompts) are in flight, started just before and sent again as they finish; then
-the same with `stream=True`, for the time to the first streamed token. Reported: answers per
-second, p50/p95/p99 latency of the small requests alone and with the large ones, the time to
-the first token, and the fairness ratio (p95 with the large requests / p95 alone; target <= 2).
+(`extra_body={"documents": [document], "merge_size": m}`), one after another: (1) alone,
+`--requests_per_client` each; (2) while `--large_requests` requests of `--large_questions`
+questions each (`/v1/completions` with a list of prompts, about the same documents) are in
+flight: sent just before the small ones, which go on until the last large one is answered. Then
+both again with `stream=True`, for the time to the first streamed text. Reported: answers per
+second, p50/p95/p99 latency of the small requests alone and with the large ones, the time to the
+first token, the large requests' latency and answers per second, and the fairness ratio (p95 with
+the large requests / p95 alone; the target is at most 2).
 
 vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv.sh`).
 """
@@ -37,6 +39,7 @@ vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import shutil
@@ -103,6 +106,13 @@ class LoadArguments:
     requests_per_client: int = field(default=6, metadata={"help": "One-question requests each client sends, in turn."})
     large_requests: int = field(default=5, metadata={"help": "Large requests kept in flight in the second phase."})
     large_questions: int = field(default=64, metadata={"help": "Questions in each large request."})
+    slice_questions: int | None = field(default=None, metadata={"help": "comi-serve's --slice-questions."})
+    round_questions: int | None = field(default=None, metadata={"help": "comi-serve's --round-questions."})
+
+    def use_quick_sizes(self) -> None:
+        """`--quick`: 2 clients x 2 requests about 2 documents of 256 tokens; 2 large requests of 8 questions."""
+        self.load_context_tokens, self.load_documents, self.clients, self.requests_per_client = 256, 2, 2, 2
+        self.large_requests, self.large_questions = 2, 8
 
 
 class PeakRSS:
@@ -252,13 +262,7 @@ def main() -> None:
         backbone_args.use_quick_sizes()
         args.context_tokens, args.merge_sizes, args.documents, args.questions_per_document = [256], [8], 2, 2
         args.new_tokens, args.vllm_kv_cache_gib = 4, 1
-        load_args.load_context_tokens, load_args.load_documents, load_args.load_merge_size = 256, 2, 8
-        load_args.clients, load_args.requests_per_client, load_args.large_requests, load_args.large_questions = (
-            2,
-            2,
-            2,
-            8,
-        )
+        load_args.use_quick_sizes()
     if args.vllm_python is None:
         sys.exit("vLLM's environment is missing: make it with `bash .ci/vllm_venv.sh` (or pass --vllm_python)")
     torch.manual_seed(0)
@@ -271,8 +275,10 @@ def main() -> None:
     merges = [*(args.merge_sizes if mode != "load" else []), *([load_args.load_merge_size] if mode != "burst" else [])]
     model = backbone_args.model(max_positions=longest + 64, merge_size=min(merges))
     model.generation_config.eos_token_id = None  # every method generates exactly --new_tokens tokens
-    words = [f"w{i}" for i in range(min(2000, backbone_args.vocab_size - 3))]  # ids 0-2: pad, EOS, unknown
-    tokenizer = word_level_tokenizer(words)
+    # A word for every id (0-2: pad, EOS, unknown), so that every generated token is text (a stream's
+    # deltas, answers compared as text); the documents and questions use the first 2,000.
+    tokenizer = word_level_tokenizer([f"w{i}" for i in range(backbone_args.vocab_size - 3)])
+    words = [f"w{i}" for i in range(min(2000, backbone_args.vocab_size - 3))]
     model.save_pretrained(work / "comi")
     tokenizer.save_pretrained(work / "comi")
     model.export_decoder(work / "decoder", tokenizer)
@@ -375,12 +381,11 @@ async def scrape(client: httpx.AsyncClient, url: str, pattern: str) -> float:
 
 class LoadRun:
     """Small one-question requests from `clients` concurrent `openai` clients (each its own connection
-    pool), alone or with large requests in flight, against one comi-serve."""
+    pool), alone or while large requests are in flight, against one comi-serve."""
 
     def __init__(self, url: str, vllm_url: str, model: str, documents: list[str], text, args, load_args):
         self.url, self.vllm_url, self.model, self.documents = url, vllm_url, model, documents
         self.text, self.args, self.load = text, args, load_args
-        self.large_latencies: list[float] = []
 
     def client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
@@ -397,70 +402,112 @@ class LoadRun:
             response = await client.chat.completions.create(
                 messages=messages, extra_body=self.extra(document), **settings
             )
-            assert response.choices[0].message.content is not None
+            assert response.choices[0].message.content, "an empty answer"
             return time.perf_counter() - started, None
-        first, text = None, ""
+        first = None
         response = await client.chat.completions.create(
             messages=messages, stream=True, extra_body=self.extra(document), **settings
         )
         async for chunk in response:
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta:
-                first = time.perf_counter() - started if first is None else first
-                text += delta
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - started
         assert first is not None, "a stream without text"
         return time.perf_counter() - started, first
 
-    async def small(self, stream: bool) -> dict:
-        """Every client sends `requests_per_client` one-question requests, one after another, each
-        about the next shared document (the clients start on different ones)."""
-        asked = [
-            [
-                (self.documents[(k + j) % len(self.documents)], self.text(12))
-                for j in range(self.load.requests_per_client)
-            ]
-            for k in range(self.load.clients)
-        ]
+    async def small(self, stream: bool, until: asyncio.Future | None = None) -> dict:
+        """Every client sends one-question requests one after another, each about the next shared
+        document (the clients start on different ones): `requests_per_client` of them, or, with
+        `until`, as long as it is not done (every request started before it is done counts; one at least)."""
         records = []
 
-        async def one_client(questions):
+        async def one_client(k: int):
             async with self.client() as client:
-                for document, question in questions:
-                    records.append(await self.ask(client, document, question, stream))
+                for j in itertools.count():
+                    if (until is None and j == self.load.requests_per_client) or (until and until.done() and j):
+                        return
+                    document = self.documents[(k + j) % len(self.documents)]
+                    sent = time.perf_counter() - started
+                    records.append((*await self.ask(client, document, self.text(12), stream), sent))
 
         started = time.perf_counter()
-        await asyncio.gather(*(one_client(questions) for questions in asked))
+        await asyncio.gather(*(one_client(k) for k in range(self.load.clients)))
         seconds = time.perf_counter() - started
-        latencies = [latency for latency, _ in records]
+        latencies = [latency for latency, _, _ in records]
         result = {
             "requests": len(records),
             "seconds": seconds,
             "answers_per_second": len(records) / seconds,
             "latency": percentiles(latencies),
             "latencies": latencies,
+            "sent_at": [sent for _, _, sent in records],
         }
         if stream:
-            firsts = [first for _, first in records]
+            firsts = [first for _, first, _ in records]
             result.update(first_token=percentiles(firsts), first_tokens=firsts)
         return result
 
-    async def large_loop(self, index: int, client: openai.AsyncOpenAI) -> None:
-        """One large request after another (a completion with `large_questions` prompts) until cancelled."""
-        while True:
-            prompts = [self.text(12) for _ in range(self.load.large_questions)]
-            started = time.perf_counter()
+    async def large(self, index: int) -> float:
+        """One large request (a completion with `large_questions` prompts); its latency."""
+        prompts = [self.text(12) for _ in range(self.load.large_questions)]
+        started = time.perf_counter()
+        async with self.client() as client:
             response = await client.completions.create(
                 model=self.model, prompt=prompts, max_tokens=self.args.new_tokens, temperature=0,
                 extra_body=self.extra(self.documents[index % len(self.documents)]),
             )  # fmt: skip
-            assert len(response.choices) == self.load.large_questions
-            self.large_latencies.append(time.perf_counter() - started)
+        assert len(response.choices) == self.load.large_questions
+        return time.perf_counter() - started
+
+    async def phase(self, metrics: httpx.AsyncClient, stream: bool, with_large: bool) -> dict:
+        """The small requests, alone or from the moment `large_requests` large ones are queued until the
+        last of them is answered; with every answer vLLM decoded meanwhile (its generated tokens /
+        --new_tokens), the small requests' and the large ones'."""
+        pattern = r"vllm:generation_tokens_total\{[^}]*\}"
+        before, phase_started = await scrape(metrics, self.vllm_url + "/metrics", pattern), time.perf_counter()
+        if not with_large:
+            result = await self.small(stream)
+        else:
+            started = time.perf_counter()
+            large = asyncio.gather(*(self.large(index) for index in range(self.load.large_requests)))
+            # The small requests start once the large ones are in: queued for compression, or decoding.
+            count = self.load.large_requests
+            await self.until(
+                metrics, lambda compressing, decoding: large.done() or max(compressing, decoding) >= count, 30
+            )
+            in_flight = not large.done()
+            timeline = []
+            watch = asyncio.create_task(self.watch(metrics, timeline))
+            offset = time.perf_counter() - started
+            try:
+                result = await self.small(stream, until=large)
+            finally:
+                watch.cancel()
+            latencies = await large
+            result["large"] = {
+                "in_flight_when_small_started": in_flight,
+                "latencies": latencies,
+                "finished_at": [latency - offset for latency in latencies],  # from the small requests' start
+                "answers_per_second": count * self.load.large_questions / max(latencies),
+            }
+            result["timeline"] = timeline
+        decoded = (await scrape(metrics, self.vllm_url + "/metrics", pattern) - before) / self.args.new_tokens
+        result["decoded_answers_per_second"] = decoded / (time.perf_counter() - phase_started)
+        return result
 
     async def waiting(self, metrics: httpx.AsyncClient) -> tuple[float, float]:
         """Requests waiting for compression in comi-serve, and requests running or waiting in vLLM."""
         compressing = await scrape(metrics, self.url + "/metrics", "comi_waiting_requests")
         decoding = await scrape(metrics, self.vllm_url + "/metrics", r"vllm:num_requests_(?:running|waiting)\{[^}]*\}")
         return compressing, decoding
+
+    async def watch(self, metrics: httpx.AsyncClient, timeline: list) -> None:
+        """Every half second: `(seconds, questions waiting for compression, requests in vLLM)`."""
+        started = time.perf_counter()
+        while True:
+            compressing = await scrape(metrics, self.url + "/metrics", "comi_waiting_questions")
+            _, decoding = await self.waiting(metrics)
+            timeline.append((time.perf_counter() - started, compressing, decoding))
+            await asyncio.sleep(0.5)
 
     async def until(self, metrics: httpx.AsyncClient, ready, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -479,28 +526,11 @@ class LoadRun:
                 await asyncio.gather(*(self.ask(client, document, self.text(12), False) for document in self.documents))
                 await self.ask(client, self.documents[0], self.text(12), True)
             for stream in (False, True):
-                name = "streamed" if stream else "plain"
-                phases[f"alone_{name}"] = await self.small(stream)
-                print(_load_line(f"alone, {name}", phases[f"alone_{name}"]), flush=True)
-            large_clients = [self.client() for _ in range(self.load.large_requests)]
-            tasks = [asyncio.create_task(self.large_loop(i, c)) for i, c in enumerate(large_clients)]
-            # The small requests start once the large ones are in: queued for compression, or decoding.
-            count = self.load.large_requests
-            queued = await self.until(metrics, lambda compressing, decoding: max(compressing, decoding) >= count, 30)
-            try:
-                for stream in (False, True):
-                    name = "streamed" if stream else "plain"
-                    phases[f"large_{name}"] = await self.small(stream)
-                    print(_load_line(f"with large, {name}", phases[f"large_{name}"]), flush=True)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                for client in large_clients:
-                    await client.close()
-            # The cancelled large requests leave comi-serve and vLLM (both drop a request whose client left).
-            idle = await self.until(metrics, lambda compressing, decoding: compressing == 0 and decoding == 0, 300)
-        return {"phases": phases, "large_queued_before_small": queued, "idle_after": idle}
+                for with_large in (False, True):
+                    name = f"{'large' if with_large else 'alone'}_{'streamed' if stream else 'plain'}"
+                    phases[name] = await self.phase(metrics, stream, with_large)
+                    print(_load_line(name.replace("_", ", ").replace("large", "with large"), phases[name]), flush=True)
+        return phases
 
 
 def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
@@ -513,18 +543,19 @@ def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
         flush=True,
     )
     documents = [text(load_args.load_context_tokens) for _ in range(load_args.load_documents)]
+    options = ["--max-questions", str(max(256, load_args.large_questions))]
+    for name in ("slice_questions", "round_questions"):
+        if getattr(load_args, name) is not None:
+            options += ["--" + name.replace("_", "-"), str(getattr(load_args, name))]
     server, url = start_comi_serve(
-        work / "comi", vllm.url, args, work / "comi-serve-load.log", 2 * load_args.load_context_tokens,
-        ["--max-questions", str(max(256, load_args.large_questions))],
-    )  # fmt: skip
+        work / "comi", vllm.url, args, work / "comi-serve-load.log", 2 * load_args.load_context_tokens, options
+    )
     started = time.perf_counter()
     try:
         model = openai.OpenAI(base_url=url + "/v1", api_key="unused").models.list().data[0].id
-        run = LoadRun(url, vllm.url, model, documents, text, args, load_args)
-        measured = asyncio.run(run.run())
+        phases = asyncio.run(LoadRun(url, vllm.url, model, documents, text, args, load_args).run())
     finally:
         server.stop()
-    phases = measured["phases"]
     alone, large = phases["alone_plain"]["latency"], phases["large_plain"]["latency"]
     return {
         "clients": load_args.clients,
@@ -535,10 +566,7 @@ def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
         "new_tokens": args.new_tokens,
         "large_requests": load_args.large_requests,
         "large_questions": load_args.large_questions,
-        "large_requests_finished": len(run.large_latencies),
-        "large_latencies": run.large_latencies,
-        "large_queued_before_small": measured["large_queued_before_small"],
-        "idle_after": measured["idle_after"],
+        "comi_serve_options": options,
         "fairness_ratio": large["p95_seconds"] / alone["p95_seconds"],
         "fairness_ratio_streamed": (
             phases["large_streamed"]["latency"]["p95_seconds"] / phases["alone_streamed"]["latency"]["p95_seconds"]
@@ -557,27 +585,40 @@ def _load_line(name: str, phase: dict) -> str:
     if "first_token" in phase:
         first = phase["first_token"]
         line += f"  first token p50 {first['p50_seconds']:6.2f} s  p95 {first['p95_seconds']:6.2f} s"
+    if "large" in phase:
+        large = phase["large"]
+        line += (
+            f"  | large: {large['answers_per_second']:.2f} answers/s, latency {min(large['latencies']):.1f} to "
+            f"{max(large['latencies']):.1f} s"
+        )
     return line
 
 
 def load_markdown(load: dict) -> str:
+    many = f"{load['large_requests']} x {load['large_questions']}"
     lines = [
-        "| small requests | answers/s | p50 (s) | p95 (s) | p99 (s) | first token p50 (s) | first token p95 (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| one-question requests | requests | answers/s | p50 (s) | p95 (s) | p99 (s) | first token p50 (s) "
+        f"| first token p95 (s) | {many}-question requests: answers/s, latency (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = {
         "alone_plain": "alone",
-        "large_plain": f"with {load['large_requests']} x {load['large_questions']} questions in flight",
+        "large_plain": f"with {many} questions in flight",
         "alone_streamed": "alone, streamed",
-        "large_streamed": f"with {load['large_requests']} x {load['large_questions']} in flight, streamed",
+        "large_streamed": f"with {many} questions in flight, streamed",
     }
     for key, name in names.items():
         phase = load["phases"][key]
-        latency, first = phase["latency"], phase.get("first_token")
+        latency, first, large = phase["latency"], phase.get("first_token"), phase.get("large")
         firsts = f"{first['p50_seconds']:.2f} | {first['p95_seconds']:.2f}" if first else " | "
+        larges = (
+            f"{large['answers_per_second']:.2f}, {min(large['latencies']):.1f} to {max(large['latencies']):.1f}"
+            if large
+            else ""
+        )
         lines.append(
-            f"| {name} | {phase['answers_per_second']:.2f} | {latency['p50_seconds']:.2f} | "
-            f"{latency['p95_seconds']:.2f} | {latency['p99_seconds']:.2f} | {firsts} |"
+            f"| {name} | {phase['requests']} | {phase['answers_per_second']:.2f} | {latency['p50_seconds']:.2f} | "
+            f"{latency['p95_seconds']:.2f} | {latency['p99_seconds']:.2f} | {firsts} | {larges} |"
         )
     lines.append("")
     lines.append(
@@ -588,37 +629,52 @@ def load_markdown(load: dict) -> str:
 
 
 def load_plot(load: dict, path: str) -> None:
-    """The small requests' latencies as CDFs: alone and with the large requests in flight, plain and streamed."""
+    """Left: the small requests' latencies as CDFs, alone and with the large requests in flight (plain,
+    streamed, first tokens). Right: with the large requests, each small request's latency at the time
+    it was sent, and what waited meanwhile: questions for compression, requests in vLLM."""
     plt = pyplot()
     if plt is None:
         return
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    many = f"{load['large_requests']} x {load['large_questions']} questions"
     styles = {
         "alone_plain": ("alone", "tab:blue", "-"),
-        "large_plain": (
-            f"with {load['large_requests']} x {load['large_questions']} questions in flight",
-            "tab:red",
-            "-",
-        ),
+        "large_plain": (f"with {many} in flight", "tab:red", "-"),
         "alone_streamed": ("alone, streamed", "tab:blue", "--"),
-        "large_streamed": ("with the large ones, streamed", "tab:red", "--"),
+        "large_streamed": ("with them, streamed", "tab:red", "--"),
     }
     for key, (label, color, line) in styles.items():
-        latencies = sorted(load["phases"][key]["latencies"])
+        phase = load["phases"][key]
+        latencies = sorted(phase["latencies"])
         fractions = [(i + 1) / len(latencies) for i in range(len(latencies))]
-        p95 = load["phases"][key]["latency"]["p95_seconds"]
-        axis.step(latencies, fractions, where="post", color=color, linestyle=line, label=f"{label} (p95 {p95:.2f} s)")
-    for key, color in (("alone_streamed", "tab:blue"), ("large_streamed", "tab:red")):
-        firsts = sorted(load["phases"][key]["first_tokens"])
-        fractions = [(i + 1) / len(firsts) for i in range(len(firsts))]
-        axis.step(
-            firsts, fractions, where="post", color=color, linestyle=":", label=f"first token, {key.split('_')[0]}"
-        )
-    axis.axhline(0.95, color="grey", linewidth=0.5)
-    axis.set_xlabel("seconds")
-    axis.set_ylabel("fraction of one-question requests")
-    axis.set_title(f"fairness ratio (p95 with / alone): {load['fairness_ratio']:.2f}")
-    axis.legend(fontsize=7, loc="lower right")
+        label = f"{label} (p95 {phase['latency']['p95_seconds']:.2f} s)"
+        left.step(latencies, fractions, where="post", color=color, linestyle=line, label=label)
+        if "first_tokens" in phase:
+            firsts = sorted(phase["first_tokens"])
+            label = f"first token, {styles[key][0]} (p95 {phase['first_token']['p95_seconds']:.2f} s)"
+            left.step(firsts, fractions, where="post", color=color, linestyle=":", label=label)
+    left.axhline(0.95, color="grey", linewidth=0.5)
+    left.set_xscale("log")
+    left.set_xlabel("seconds (log)")
+    left.set_ylabel("fraction of one-question requests")
+    left.set_title(f"fairness ratio (p95 with / alone): {load['fairness_ratio']:.2f}; target <= 2")
+    left.legend(fontsize=7, loc="lower right")
+    phase = load["phases"]["large_plain"]
+    right.scatter(phase["sent_at"], phase["latencies"], s=10, color="tab:red", label="one-question request's latency")
+    for index, finished in enumerate(phase["large"]["finished_at"]):
+        right.axvline(finished, color="black", linewidth=0.6, label="a large request answered" if index == 0 else None)
+    right.set_xlabel("seconds since the small requests started (with the large ones in flight)")
+    right.set_ylabel("latency (s)")
+    queue = right.twinx()
+    times = [t for t, _, _ in phase["timeline"]]
+    queue.plot(
+        times, [c for _, c, _ in phase["timeline"]], color="tab:green", label="questions waiting for compression"
+    )
+    queue.plot(times, [d for _, _, d in phase["timeline"]], color="tab:purple", label="requests in vLLM")
+    queue.set_ylabel("waiting")
+    handles = [*right.get_legend_handles_labels()[0], *queue.get_legend_handles_labels()[0]]
+    labels = [*right.get_legend_handles_labels()[1], *queue.get_legend_handles_labels()[1]]
+    right.legend(handles, labels, fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
