@@ -635,7 +635,7 @@ def load_plot(load: dict, path: str) -> None:
     plt = pyplot()
     if plt is None:
         return
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4))
     many = f"{load['large_requests']} x {load['large_questions']} questions"
     styles = {
         "alone_plain": ("alone", "tab:blue", "-"),
@@ -672,9 +672,11 @@ def load_plot(load: dict, path: str) -> None:
     )
     queue.plot(times, [d for _, _, d in phase["timeline"]], color="tab:purple", label="requests in vLLM")
     queue.set_ylabel("waiting")
+    right.set_zorder(queue.get_zorder() + 1)  # the requests over the queues
+    right.patch.set_visible(False)
     handles = [*right.get_legend_handles_labels()[0], *queue.get_legend_handles_labels()[0]]
     labels = [*right.get_legend_handles_labels()[1], *queue.get_legend_handles_labels()[1]]
-    right.legend(handles, labels, fontsize=7, loc="upper left")
+    right.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
