@@ -167,6 +167,19 @@ def serve_parser() -> argparse.ArgumentParser:
         help="Most new tokens per sequence a request may ask (default 1024).",
     )
     parser.add_argument(
+        "--slice-questions",
+        type=int,
+        default=8,
+        help="Questions compressed from one waiting request per round, requests taken in turn (default 8).",
+    )
+    parser.add_argument(
+        "--round-questions",
+        type=int,
+        default=32,
+        help="Questions in one compression round at most; smaller rounds let a small request in sooner behind "
+        "large ones, larger rounds compress more per pass (default 32).",
+    )
+    parser.add_argument(
         "--served-model-name",
         help="The model's name in the OpenAI API (`model`, /v1/models; default: the model directory's name).",
     )
@@ -235,6 +248,8 @@ COMMANDS = {
             "max_questions": (1, None),
             "max_sequences": (1, None),
             "max_new_tokens": (1, None),
+            "slice_questions": (1, None),
+            "round_questions": (1, None),
         },
     ),
     "comi-export-decoder": Command(export_parser, "comi_hf.serving.export"),

@@ -98,6 +98,28 @@ def test_a_model_directory_that_does_not_exist_frees_the_port(comi_serve):
         again.bind(("127.0.0.1", port))
 
 
+@pytest.mark.parametrize("option", ["--slice-questions", "--round-questions"])
+def test_compression_slices_and_rounds_of_at_least_one_question(comi_serve, option):
+    status, err = comi_serve("--model", "/nonexistent", "--vllm-url", VLLM, option, "0")
+    assert (status, err) == (2, f"comi-serve: error: {option} must be at least 1, got 0\n")
+
+
+def test_compression_slices_and_rounds_reach_the_app(comi_serve, monkeypatch):
+    from comi_hf.serving import server
+
+    class Built(Exception):
+        pass
+
+    def create_app(client, **options):
+        raise Built(options)
+
+    monkeypatch.setattr(server.COMIServingClient, "from_pretrained", classmethod(lambda cls, *_, **__: object()))
+    monkeypatch.setattr(server, "create_app", create_app)
+    with pytest.raises(Built) as built:
+        comi_serve("--model", "m", "--vllm-url", VLLM, "--port", str(free_port()), "--slice-questions", "2")
+    assert (built.value.args[0]["slice_questions"], built.value.args[0]["round_questions"]) == (2, 32)
+
+
 @pytest.mark.slow
 def test_the_console_script_says_one_line_and_exits_2(busy_port, tmp_path, tokenizer):
     """As one runs it, with a model that loads: uvicorn's own report of a port in use was several

@@ -370,7 +370,14 @@ def run(args: argparse.Namespace) -> None:
         api_key = args.api_key or os.environ.get(API_KEY_ENV)
         limits = Limits(args.max_questions, args.max_sequences, args.max_new_tokens, args.max_request_bytes)
         name = args.served_model_name or Path(args.model).name or args.model
-        app = create_app(client, api_key=api_key, limits=limits, served_model_name=name)
+        app = create_app(
+            client,
+            api_key=api_key,
+            limits=limits,
+            served_model_name=name,
+            slice_questions=args.slice_questions,
+            round_questions=args.round_questions,
+        )
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
         server.run(sockets=[listener])
     finally:
