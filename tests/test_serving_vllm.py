@@ -186,7 +186,8 @@ def service(served):
     """comi-serve (a subprocess, as one runs it) reaching vLLM through a proxy that can be cut."""
     proxy = TCPProxy(served["vllm"].port)
     try:
-        process, url = _start_comi_serve(served, [proxy])
+        # 64 sequences a request: the seeded-sampling test sends the reported body through it.
+        process, url = _start_comi_serve(served, [proxy], "--max-sequences", "64")
         try:
             yield {"url": url, "proxy": proxy}
         finally:
@@ -541,6 +542,11 @@ def test_langchain_chat_openai_answers_as_generate(served, service, tokenizer):
 
 
 def test_health_metrics_and_json_without_content_type(service):
+    # What `curl -d` sends: no JSON Content-Type.
+    body = json.dumps({"context": CONTEXTS[0], "question": QUESTIONS[0]}).encode()
+    form = {"Authorization": "Bearer secret", "Content-Type": "application/x-www-form-urlencoded"}
+    with urllib.request.urlopen(urllib.request.Request(service["url"] + "/v1/answer", data=body, headers=form)) as r:
+        assert r.status == 200 and "answer" in json.loads(r.read())
     status, public = _get(service["url"] + "/health", key=None)
     assert status == 200 and public == {"status": "ok"}  # nothing internal without the key
     status, private = _get(service["url"] + "/health")
@@ -554,11 +560,6 @@ def test_health_metrics_and_json_without_content_type(service):
     ):  # fmt: skip
         assert name in text, name
     assert _get(service["url"] + "/metrics", key=None)[0] == 401
-    # What `curl -d` sends: no JSON Content-Type.
-    body = json.dumps({"context": CONTEXTS[0], "question": QUESTIONS[0]}).encode()
-    form = {"Authorization": "Bearer secret", "Content-Type": "application/x-www-form-urlencoded"}
-    with urllib.request.urlopen(urllib.request.Request(service["url"] + "/v1/answer", data=body, headers=form)) as r:
-        assert r.status == 200 and "answer" in json.loads(r.read())
 
 
 def test_limits_refuse_before_any_work_chunked_bodies_too(served):

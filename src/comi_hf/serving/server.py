@@ -179,14 +179,10 @@ def create_app(
 
     app.add_middleware(BodyReader, max_bytes=service.limits.max_request_bytes, json_paths=_JSON_PATHS, refuse=refusal)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/health" and not authorized(request):
-            response = refusal(UnauthorizedError("missing or wrong API key (send `Authorization: Bearer <key>`)"))
-        else:
-            response = await call_next(request)
-        service.metrics.observe(request.url.path, response.status_code)
-        return response
+    # Outermost: a request without the key is refused before its body is read. A plain ASGI
+    # middleware, not `@app.middleware("http")`, whose wrapping hides a client's disconnect from
+    # the endpoints (they drop the work of a client that went away).
+    app.add_middleware(Guard, allowed=authorized, refuse=refusal, observe=service.metrics.observe)
 
     async def respond(request: Request, prepare, shape, fields: dict | None = None) -> Response:
         """`shape(await prepare())`, dropped if the client goes away; a `COMIError` is refused."""
@@ -324,6 +320,32 @@ def create_app(
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class Guard:
+    """ASGI middleware: every path but `/health` needs the API key (`allowed(request)`); each
+    response's status is counted by endpoint (`observe(path, status)`)."""
+
+    def __init__(self, app, allowed, refuse, observe):
+        self.app = app
+        self.allowed = allowed
+        self.refuse = refuse
+        self.observe = observe
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.observe(path, message["status"])
+            await send(message)
+
+        if path != "/health" and not self.allowed(Request(scope)):
+            response = self.refuse(UnauthorizedError("missing or wrong API key (send `Authorization: Bearer <key>`)"))
+            return await response(scope, receive, counted)
+        await self.app(scope, receive, counted)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
