@@ -313,3 +313,11 @@ def test_the_errors_doc_runs_as_written():
 def test_mig_options_are_checked(options, message):
     with pytest.raises(InvalidInputError, match=message):
         tiny_comi().compress(*random_batch(), mig_options=options)
+
+
+def test_the_command_line_bounds_merge_size_as_the_edge_does():
+    """comi_hf_cli repeats MAX_MERGE_SIZE so that parsing imports nothing: the two must agree."""
+    from comi_hf_cli import COMMANDS
+
+    for command in ("comi-qa", "comi-convert"):
+        assert COMMANDS[command].ranges["merge_size"] == (1, MAX_MERGE_SIZE)
