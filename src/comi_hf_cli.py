@@ -136,6 +136,20 @@ def serve_parser() -> argparse.ArgumentParser:
         "0.32's engine (docs/serving.md); 0 sends everything at once (a GPU build, or a server started with "
         "--no-enable-chunked-prefill).",
     )
+    parser.add_argument(
+        "--vllm-max-in-flight",
+        type=int,
+        default=100,
+        help="Questions in flight to each vLLM server at most (default 100); the others wait here, taken "
+        "round-robin across requests so that a small request does not queue behind a large one.",
+    )
+    parser.add_argument(
+        "--vllm-priority",
+        action="store_true",
+        help="Send each question's place in its request as vLLM's `priority`, for a vLLM server started with "
+        "--scheduling-policy priority: vLLM's own queue is then round-robin across requests too (docs/serving.md, "
+        "Load and fairness). A server without that policy is reported when comi-serve connects (/health, 502s).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default 8080).")
     parser.add_argument(
@@ -169,15 +183,15 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slice-questions",
         type=int,
-        default=8,
-        help="Questions compressed from one waiting request per round, requests taken in turn (default 8).",
+        default=2,
+        help="Questions compressed from one waiting request per round, requests taken in turn (default 2).",
     )
     parser.add_argument(
         "--round-questions",
         type=int,
-        default=32,
+        default=8,
         help="Questions in one compression round at most; smaller rounds let a small request in sooner behind "
-        "large ones, larger rounds compress more per pass (default 32).",
+        "large ones, larger rounds compress more per pass (default 8).",
     )
     parser.add_argument(
         "--served-model-name",
@@ -243,6 +257,7 @@ COMMANDS = {
             "port": (1, 65535),
             "cache_bytes": (0, None),
             "vllm_max_num_batched_tokens": (0, None),
+            "vllm_max_in_flight": (1, None),
             "max_context_tokens": (1, None),
             "max_request_bytes": (1, None),
             "max_questions": (1, None),

@@ -16,6 +16,8 @@ from conftest import tiny_comi
 from server_processes import free_port
 
 import comi_hf_cli
+from comi_hf.serving.admission import DEFAULT_ROUND_QUESTIONS, DEFAULT_SLICE_QUESTIONS
+from comi_hf.serving.decoder import DEFAULT_MAX_IN_FLIGHT
 
 VLLM = "http://127.0.0.1:9"  # never contacted: every case fails before
 
@@ -98,13 +100,13 @@ def test_a_model_directory_that_does_not_exist_frees_the_port(comi_serve):
         again.bind(("127.0.0.1", port))
 
 
-@pytest.mark.parametrize("option", ["--slice-questions", "--round-questions"])
+@pytest.mark.parametrize("option", ["--slice-questions", "--round-questions", "--vllm-max-in-flight"])
 def test_compression_slices_and_rounds_of_at_least_one_question(comi_serve, option):
     status, err = comi_serve("--model", "/nonexistent", "--vllm-url", VLLM, option, "0")
     assert (status, err) == (2, f"comi-serve: error: {option} must be at least 1, got 0\n")
 
 
-def test_compression_slices_and_rounds_reach_the_app(comi_serve, monkeypatch):
+def test_compression_and_decoder_queue_settings_reach_the_service(comi_serve, monkeypatch):
     from comi_hf.serving import server
 
     class Built(Exception):
@@ -113,11 +115,28 @@ def test_compression_slices_and_rounds_reach_the_app(comi_serve, monkeypatch):
     def create_app(client, **options):
         raise Built(options)
 
-    monkeypatch.setattr(server.COMIServingClient, "from_pretrained", classmethod(lambda cls, *_, **__: object()))
+    loaded = []
+    monkeypatch.setattr(
+        server.COMIServingClient, "from_pretrained", classmethod(lambda cls, *_, **options: loaded.append(options))
+    )
     monkeypatch.setattr(server, "create_app", create_app)
     with pytest.raises(Built) as built:
-        comi_serve("--model", "m", "--vllm-url", VLLM, "--port", str(free_port()), "--slice-questions", "2")
-    assert (built.value.args[0]["slice_questions"], built.value.args[0]["round_questions"]) == (2, 32)
+        comi_serve("--model", "m", "--vllm-url", VLLM, "--port", str(free_port()), "--slice-questions", "3")
+    # The parser repeats the defaults (parsing imports nothing): they must be the serving code's.
+    assert (built.value.args[0]["slice_questions"], built.value.args[0]["round_questions"]) == (
+        3,
+        DEFAULT_ROUND_QUESTIONS,
+    )
+    with pytest.raises(Built) as built:
+        comi_serve("--model", "m", "--vllm-url", VLLM, "--port", str(free_port()))
+    assert built.value.args[0]["slice_questions"] == DEFAULT_SLICE_QUESTIONS
+    assert [(options["vllm_max_in_flight"], options["vllm_priority"]) for options in loaded] == [
+        (DEFAULT_MAX_IN_FLIGHT, False)
+    ] * 2
+    with pytest.raises(Built):
+        port = str(free_port())
+        comi_serve("--model", "m", "--vllm-url", VLLM, "--port", port, "--vllm-priority", "--vllm-max-in-flight", "7")
+    assert (loaded[-1]["vllm_max_in_flight"], loaded[-1]["vllm_priority"]) == (7, True)
 
 
 @pytest.mark.slow

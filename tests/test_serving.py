@@ -23,6 +23,7 @@ from comi_hf import (
 )
 from comi_hf.packing import decoder_inputs
 from comi_hf.serving import COMIServingClient, EncodedContextCache, VLLMServerDecoder, vllm_sampling
+from comi_hf.serving.decoder import FairDecoderSlots
 from comi_hf.training import prepare_for_training
 
 
@@ -215,6 +216,78 @@ def test_the_penalty_probe_goes_by_status_not_wording():
     with pytest.raises(DecoderError, match="does not decode prompt embeddings of hidden size 8") as failed:
         asyncio.run(broken.connect(8))
     assert failed.value.status == 502  # the server's setup is at fault, not the request
+
+
+def test_decoder_slots_send_waiting_questions_round_robin_with_their_turn_as_priority():
+    sent = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append((body["max_tokens"], body.get("priority")))
+        await asyncio.sleep(0.01)
+        return httpx.Response(200, json={"choices": [{"index": 0, "token_ids": [1], "finish_reason": "length"}]})
+
+    def decoder_with(**options) -> VLLMServerDecoder:
+        decoder = VLLMServerDecoder("http://vllm.test", model="decoder", **options)
+        decoder.has_output_penalty = True
+        decoder._client = httpx.AsyncClient(base_url=decoder.url, transport=httpx.MockTransport(answer))
+        return decoder
+
+    def asking(tag: int):  # each request's questions are told apart by their max_tokens
+        return vllm_sampling(GenerationConfig(max_new_tokens=tag))
+
+    async def two_large_then_one_small(decoder: VLLMServerDecoder):
+        large = [asyncio.create_task(decoder.complete_many([torch.zeros(3, 8)] * 4, asking(tag))) for tag in (2, 3)]
+        await asyncio.sleep(0.001)  # both queued, the first question of the first in flight
+        await decoder.complete_many([torch.zeros(3, 8)], asking(1))
+        await asyncio.gather(*large)
+
+    # One question in flight at a time: the small request's only question goes right after the
+    # large requests' first questions, not after their eight; each question's turn is its priority.
+    asyncio.run(two_large_then_one_small(decoder_with(max_in_flight=1, priority=True)))
+    assert sent == [(2, 0), (3, 0), (1, 0), (2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3)]
+    # Without --vllm-priority no priority is sent (a server in first-come order refuses one).
+    sent.clear()
+    asyncio.run(two_large_then_one_small(decoder_with(max_in_flight=1)))
+    assert [priority for _, priority in sent] == [None] * 9 and sent[2] == (1, None)
+    with pytest.raises(InvalidInputError, match="max_in_flight must be an integer >= 1"):
+        VLLMServerDecoder("http://vllm.test", max_in_flight=0)
+
+    # A question given up while waiting (its client went away) is skipped.
+    async def one_given_up():
+        slots, taken = FairDecoderSlots(1), []
+
+        async def take(name: str, turn: int):
+            async with slots.take(turn):
+                taken.append(name)
+                await asyncio.sleep(0.01)
+
+        first = asyncio.create_task(take("first", 0))
+        await asyncio.sleep(0)
+        gone, last = asyncio.create_task(take("gone", 0)), asyncio.create_task(take("last", 5))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(first, last, return_exceptions=True)
+        return taken, slots.in_flight, slots.waiting
+
+    assert asyncio.run(one_given_up()) == (["first", "last"], 0, 0)
+
+
+def test_the_priority_probe_refuses_a_vllm_server_without_priority_scheduling():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "decoder"}]})
+        if "priority" in json.loads(request.content):  # vLLM in first-come order refuses a priority: 400
+            return httpx.Response(400, json={"error": {"message": "Bad Request", "code": 400}})
+        return httpx.Response(200, json={"choices": [{"index": 0, "token_ids": [0], "finish_reason": "stop"}]})
+
+    decoder = VLLMServerDecoder("http://vllm.test", priority=True)
+    decoder._client = httpx.AsyncClient(base_url=decoder.url, transport=httpx.MockTransport(answer))
+    with pytest.raises(DecoderError, match="--scheduling-policy priority") as refused:
+        asyncio.run(decoder.connect(8))
+    assert refused.value.status == 502
+    decoder.priority = False
+    assert asyncio.run(decoder.connect(8))["priority"] is False
 
 
 def test_a_penalised_request_is_refused_before_any_compression_without_the_processor(saved, tokenizer):

@@ -61,7 +61,10 @@ def served(tmp_path_factory, tokenizer, vllm_python):
     )
     assert done.returncode == 0, done.stderr
     log = root / "vllm.log"
-    with VLLMServer(vllm_python, root / "decoder", max_model_len=1024, log=log) as server:
+    # Priority scheduling, as docs/serving.md recommends: comi-serve with --vllm-priority (the
+    # `service` fixture) sends each question's turn; requests without a priority are taken too.
+    extra = ["--scheduling-policy", "priority"]
+    with VLLMServer(vllm_python, root / "decoder", max_model_len=1024, log=log, extra_args=extra) as server:
         yield {
             "root": root,
             "model": COMIForConditionalGeneration.from_pretrained(root / "comi").eval(),
@@ -187,7 +190,7 @@ def service(served):
     proxy = TCPProxy(served["vllm"].port)
     try:
         # 64 sequences a request: the seeded-sampling test sends the reported body through it.
-        process, url = _start_comi_serve(served, [proxy], "--max-sequences", "64")
+        process, url = _start_comi_serve(served, [proxy], "--max-sequences", "64", "--vllm-priority")
         try:
             yield {"url": url, "proxy": proxy}
         finally:
@@ -360,6 +363,16 @@ def test_a_vllm_server_without_comi_hfs_processor(vllm_python, served, service, 
             assert status == 200, result
             expected, _ = _generated(served["model"], tokenizer, CONTEXTS[1], QUESTIONS[0], 4, repetition_penalty=1.0)
             assert result["token_ids"] == expected
+        finally:
+            process.stop(timeout=30)
+        # --vllm-priority against a server in first-come order: reported, naming vLLM's flag.
+        process, url = _start_comi_serve(served, [plain], "--vllm-priority")
+        try:
+            status, health = _get(url + "/health")
+            assert status == 503 and "--scheduling-policy priority" in health["decoder"]["error"], health
+            status, result = _post(url, {**body, "max_new_tokens": NEW_TOKENS})
+            assert status == 502 and "--scheduling-policy priority" in result["error"]["message"], result
+            assert plain.url not in result["error"]["message"]
         finally:
             process.stop(timeout=30)
         client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=plain.url)

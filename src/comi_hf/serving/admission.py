@@ -23,7 +23,19 @@ import torch
 from ..errors_comi import COMIError, InvalidInputError
 from .client import COMIServingClient, Question
 
-__all__ = ["BodyReader", "FairCompressor", "Limits", "RequestTooLargeError"]
+__all__ = [
+    "DEFAULT_ROUND_QUESTIONS",
+    "DEFAULT_SLICE_QUESTIONS",
+    "BodyReader",
+    "FairCompressor",
+    "Limits",
+    "RequestTooLargeError",
+]
+
+# Small slices and rounds: a one-question request waits for at most one round of 8 questions per
+# turn (docs/serving.md, Load and fairness: the rounds of 32 of before held it for seconds).
+DEFAULT_SLICE_QUESTIONS = 2
+DEFAULT_ROUND_QUESTIONS = 8
 
 
 class RequestTooLargeError(InvalidInputError):
@@ -139,8 +151,8 @@ class FairCompressor:
     def __init__(
         self,
         client: COMIServingClient,
-        slice_questions: int = 8,
-        round_questions: int = 32,
+        slice_questions: int = DEFAULT_SLICE_QUESTIONS,
+        round_questions: int = DEFAULT_ROUND_QUESTIONS,
         on_round: Callable[[int, float], None] | None = None,
     ):
         self.client = client

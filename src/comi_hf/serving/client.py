@@ -33,6 +33,7 @@ from ..processing_comi import (
 )
 from .cache import EncodedContextCache
 from .decoder import (
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     VLLMEngineDecoder,
     VLLMReplicas,
@@ -92,6 +93,8 @@ class COMIServingClient:
         vllm_model: str | None = None,
         api_key: str | None = None,
         vllm_max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        vllm_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        vllm_priority: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = "auto",
         **kwargs,
@@ -100,7 +103,8 @@ class COMIServingClient:
         the vLLM server at `vllm_url` (serving the model's exported decoder; a list of URLs for
         replicas, each prompt to the least busy), or `llm`, a `vllm.LLM`. `vllm_max_num_batched_tokens`
         is the servers' token budget per engine step, which seeded sampling is kept within (see
-        [`SeededSamplingGuard`]; 0: no limit)."""
+        [`SeededSamplingGuard`]; 0: no limit); `vllm_max_in_flight` and `vllm_priority` set how
+        prompts queue for each server ([`FairDecoderSlots`])."""
         from ..loading import load_comi
 
         if (vllm_url is None) == (llm is None):
@@ -113,7 +117,14 @@ class COMIServingClient:
         else:
             urls = [vllm_url] if isinstance(vllm_url, str) else vllm_url
             servers = [
-                VLLMServerDecoder(url, vllm_model, api_key, max_num_batched_tokens=vllm_max_num_batched_tokens)
+                VLLMServerDecoder(
+                    url,
+                    vllm_model,
+                    api_key,
+                    max_num_batched_tokens=vllm_max_num_batched_tokens,
+                    max_in_flight=vllm_max_in_flight,
+                    priority=vllm_priority,
+                )
                 for url in urls
             ]
             decoder = servers[0] if isinstance(vllm_url, str) else VLLMReplicas(servers)

@@ -12,7 +12,9 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import heapq
 import io
+import itertools
 import json
 import time
 import urllib.parse
@@ -32,8 +34,10 @@ from ..errors_comi import (
 from .sampling import REPETITION_PENALTY_ARG, VLLMSampling
 
 __all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_NUM_BATCHED_TOKENS",
     "Completion",
+    "FairDecoderSlots",
     "SeededSamplingGuard",
     "StreamedTokens",
     "VLLMEngineDecoder",
@@ -85,6 +89,8 @@ def missing_penalty_processor(penalty: float) -> UnsupportedSettingError:
 
 # vLLM's token budget per engine step (`--max-num-batched-tokens`) on a CPU build's server.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# Prompts in flight to one vLLM server (httpx's default pool size, which bounded it before).
+DEFAULT_MAX_IN_FLIGHT = 100
 
 
 class SeededSamplingGuard:
@@ -160,6 +166,58 @@ class SeededSamplingGuard:
             self._release(cost, seeded)
 
 
+class FairDecoderSlots:
+    """At most `capacity` prompts in flight to the decoder; waiting prompts go in order of their
+    turn, then of arrival.
+
+    A prompt's turn is its place in its own request (0 for every request's first question, 1 for
+    its second, ...), so the waiting prompts of several requests are sent round-robin and a
+    one-question request goes ahead of the later questions of requests already waiting, instead
+    of behind all of them as in a first-come queue. Sent with the same turn as vLLM's `priority`
+    (lower first) to a server started with `--scheduling-policy priority`, the same order holds
+    in vLLM's own queue.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_flight = 0
+        self._arrivals = itertools.count()
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []
+
+    @property
+    def waiting(self) -> int:
+        return sum(not ready.done() for _, _, ready in self._waiting)
+
+    def _wake(self) -> None:
+        while self._waiting and self.in_flight < self.capacity:
+            _, _, ready = heapq.heappop(self._waiting)
+            if ready.done():  # given up while waiting
+                continue
+            self.in_flight += 1
+            ready.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def take(self, turn: int):
+        """Wait for a slot, in `turn` order; the prompt is in flight in the block."""
+        if not self._waiting and self.in_flight < self.capacity:
+            self.in_flight += 1
+        else:
+            ready = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (turn, next(self._arrivals), ready))
+            try:
+                await ready
+            except asyncio.CancelledError:
+                if ready.done() and not ready.cancelled():  # given a slot, then cancelled before it ran
+                    self.in_flight -= 1
+                self._wake()
+                raise
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._wake()
+
+
 def check_url(url: object, what: str = "`vllm_url`") -> str:
     """`url` if it is an http(s) URL with a host (a vLLM server's base URL); `what` names it."""
     if not isinstance(url, str):
@@ -195,6 +253,11 @@ class VLLMServerDecoder:
             within (see [`SeededSamplingGuard`]); 0 or `None` sends everything at once, for a server
             that never splits a seeded prompt (a GPU build, or one started with
             `--no-enable-chunked-prefill`).
+        max_in_flight: prompts in flight to the server at most; the others wait in
+            [`FairDecoderSlots`]' order (round-robin across requests).
+        priority: send each prompt's turn as vLLM's `priority`, for a server started with
+            `--scheduling-policy priority`: vLLM then also takes a request's first question before
+            the later questions of requests already queued there (checked by `connect`).
     """
 
     def __init__(
@@ -204,23 +267,29 @@ class VLLMServerDecoder:
         api_key: str | None = None,
         timeout: float = 600.0,
         max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        priority: bool = False,
     ):
         import httpx
 
-        if max_num_batched_tokens is not None and (
-            isinstance(max_num_batched_tokens, bool)
-            or not isinstance(max_num_batched_tokens, int)
-            or max_num_batched_tokens < 0
+        for name, value, least in (
+            ("max_num_batched_tokens", max_num_batched_tokens, 0),
+            ("max_in_flight", max_in_flight, 1),
         ):
-            raise InvalidInputError(
-                f"max_num_batched_tokens must be an integer >= 0 (0: no limit), got {max_num_batched_tokens!r:.40}",
-                field="max_num_batched_tokens",
-            )
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise InvalidInputError(
+                    f"{name} must be an integer >= {least}{' (0: no limit)' if least == 0 else ''}, got {value!r:.40}",
+                    field=name,
+                )
         self.guard = SeededSamplingGuard(max_num_batched_tokens) if max_num_batched_tokens else None
+        self.slots = FairDecoderSlots(max_in_flight)
+        self.priority = bool(priority)
         self.url = check_url(url).rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        # Room beyond the slots for `connect`'s probes, so that /health is not queued behind completions.
+        limits = httpx.Limits(max_connections=max_in_flight + 4, max_keepalive_connections=max_in_flight + 4)
+        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
         self.has_output_penalty: bool | None = None
 
     async def _request(self, method: str, path: str, **kwargs):
@@ -288,11 +357,29 @@ class VLLMServerDecoder:
             self.has_output_penalty = False
         except DecoderRefusedError:
             self.has_output_penalty = True
-        return {"model": self.model, "output_repetition_penalty": self.has_output_penalty}
+        if self.priority:
+            try:
+                await self._complete_raw(torch.zeros(1, hidden_size), {**probe, "priority": 1})
+            except DecoderRefusedError as error:
+                raise DecoderError(
+                    "the vLLM server refuses request priorities: start it with --scheduling-policy priority, or "
+                    "run comi-serve without --vllm-priority",
+                    url=self.url,
+                    detail=error.detail,
+                ) from error
+        return {
+            "model": self.model,
+            "output_repetition_penalty": self.has_output_penalty,
+            "priority": self.priority,
+            "max_in_flight": self.slots.capacity,
+        }
 
     async def _complete_raw(self, embeds: torch.Tensor, fields: dict) -> dict:
         body = {"model": self.model, "prompt_embeds": encode_prompt_embeds(embeds), "return_token_ids": True, **fields}
         return await self._request("POST", "/v1/completions", json=body)
+
+    def _fields(self, sampling: VLLMSampling, turn: int) -> dict:
+        return {**sampling.request_fields(), **({"priority": turn} if self.priority else {})}
 
     def check_prompts(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> None:
         """Refuse seeded sampling of a prompt longer than the server's token budget per step:
@@ -311,38 +398,44 @@ class VLLMServerDecoder:
                 field="seed",
             )
 
-    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
-        """The `sampling.n` completions of one prompt, in order."""
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0) -> list[Completion]:
+        """The `sampling.n` completions of one prompt, in order; `turn` is the prompt's place in its
+        request ([`FairDecoderSlots`])."""
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
             raise missing_penalty_processor(sampling.repetition_penalty)
         if self.guard is None:
-            return await self._complete_choices(embeds, sampling)
+            return await self._complete_choices(embeds, sampling, turn)
         self.check_prompts([embeds], sampling)
         if sampling.seeded and sampling.n > 1:
             # One request per sequence, each seeded as vLLM seeds a request's sequences (seed + i): the
             # same answers, and the guard can send them a few at a time.
             parts = await asyncio.gather(
                 *(
-                    self.complete(embeds, dataclasses.replace(sampling, n=1, seed=sampling.seed + index))
+                    self.complete(embeds, dataclasses.replace(sampling, n=1, seed=sampling.seed + index), turn)
                     for index in range(sampling.n)
                 )
             )
             return [completion for part in parts for completion in part]
         async with self.guard.admit(sampling.n * (embeds.shape[0] + sampling.max_tokens), sampling.seeded):
-            return await self._complete_choices(embeds, sampling)
+            return await self._complete_choices(embeds, sampling, turn)
 
-    async def _complete_choices(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
-        response = await self._complete_raw(embeds, sampling.request_fields())
+    async def _complete_choices(self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int) -> list[Completion]:
+        async with self.slots.take(turn):
+            response = await self._complete_raw(embeds, self._fields(sampling, turn))
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         return [Completion(list(choice["token_ids"]), choice["finish_reason"]) for choice in choices]
 
     async def complete_many(self, embeds: list[torch.Tensor], sampling: VLLMSampling) -> list[list[Completion]]:
-        """`complete` for every prompt, all requests in flight together (seeded sampling: as
-        [`SeededSamplingGuard`] lets them)."""
+        """`complete` for every prompt of one request (prompt i in turn i), all requests in flight
+        together as the slots let them (seeded sampling: as [`SeededSamplingGuard`] lets them)."""
         self.check_prompts(embeds, sampling)  # before any is sent
-        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+        return list(
+            await asyncio.gather(*(self.complete(prompt, sampling, turn) for turn, prompt in enumerate(embeds)))
+        )
 
-    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+    async def stream(
+        self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0
+    ) -> AsyncIterator[StreamedTokens]:
         """The `sampling.n` sequences of one prompt as vLLM decodes them: their new tokens, chunk by chunk.
 
         Under the seeded-sampling guard a stream counts as a request in flight; a seeded one comes
@@ -350,19 +443,26 @@ class VLLMServerDecoder:
         if sampling.repetition_penalty != 1.0 and not self.has_output_penalty:
             raise missing_penalty_processor(sampling.repetition_penalty)
         if self.guard is None:
-            async for tokens in self._stream(embeds, sampling):
+            async for tokens in self._stream(embeds, sampling, turn):
                 yield tokens
             return
         self.check_prompts([embeds], sampling)
         if sampling.seeded:
-            for sequence, completion in enumerate(await self.complete(embeds, sampling)):
+            for sequence, completion in enumerate(await self.complete(embeds, sampling, turn)):
                 yield StreamedTokens(sequence, completion.token_ids, completion.finish_reason)
             return
         async with self.guard.admit(sampling.n * (embeds.shape[0] + sampling.max_tokens), False):
-            async for tokens in self._stream(embeds, sampling):
+            async for tokens in self._stream(embeds, sampling, turn):
                 yield tokens
 
-    async def _stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+    async def _stream(self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int) -> AsyncIterator[StreamedTokens]:
+        async with self.slots.take(turn):
+            async for tokens in self._stream_unqueued(embeds, sampling, turn):
+                yield tokens
+
+    async def _stream_unqueued(
+        self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int
+    ) -> AsyncIterator[StreamedTokens]:
         import httpx
 
         body = {
@@ -370,7 +470,7 @@ class VLLMServerDecoder:
             "prompt_embeds": encode_prompt_embeds(embeds),
             "return_token_ids": True,
             "stream": True,
-            **sampling.request_fields(),
+            **self._fields(sampling, turn),
         }
         try:
             async with self._client.stream("POST", "/v1/completions", json=body) as response:
@@ -433,14 +533,16 @@ class VLLMReplicas:
             "model": self.replicas[self.up.index(True)].model,
             "output_repetition_penalty": penalty,
             "replicas": reachable,
+            "priority": self.replicas[0].priority,
+            "max_in_flight": sum(replica.slots.capacity for replica in self.replicas),
         }
 
-    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0) -> list[Completion]:
         while any(self.up):
             index = min((count, index) for index, count in enumerate(self.in_flight) if self.up[index])[1]
             self.in_flight[index] += 1
             try:
-                return await self.replicas[index].complete(embeds, sampling)
+                return await self.replicas[index].complete(embeds, sampling, turn)
             except DecoderUnavailableError:
                 self.up[index] = False
             finally:
@@ -451,9 +553,13 @@ class VLLMReplicas:
         await self._rejoin()
         for replica in self.replicas:  # before any is sent
             replica.check_prompts(embeds, sampling)
-        return list(await asyncio.gather(*(self.complete(prompt, sampling) for prompt in embeds)))
+        return list(
+            await asyncio.gather(*(self.complete(prompt, sampling, turn) for turn, prompt in enumerate(embeds)))
+        )
 
-    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+    async def stream(
+        self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0
+    ) -> AsyncIterator[StreamedTokens]:
         """The least busy replica's stream; a replica that cannot be reached before its first tokens
         is left out and another one streams."""
         await self._rejoin()
@@ -462,7 +568,7 @@ class VLLMReplicas:
             self.in_flight[index] += 1
             started = False
             try:
-                async for tokens in self.replicas[index].stream(embeds, sampling):
+                async for tokens in self.replicas[index].stream(embeds, sampling, turn):
                     started = True
                     yield tokens
                 return
@@ -511,10 +617,13 @@ class VLLMEngineDecoder:
         outputs = await asyncio.to_thread(self.llm.generate, prompts, params, use_tqdm=False)
         return [[Completion(list(choice.token_ids), choice.finish_reason) for choice in out.outputs] for out in outputs]
 
-    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling) -> list[Completion]:
+    async def complete(self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0) -> list[Completion]:
+        """`turn` is accepted for the servers' sake: the engine schedules one call's prompts itself."""
         return (await self.complete_many([embeds], sampling))[0]
 
-    async def stream(self, embeds: torch.Tensor, sampling: VLLMSampling) -> AsyncIterator[StreamedTokens]:
+    async def stream(
+        self, embeds: torch.Tensor, sampling: VLLMSampling, turn: int = 0
+    ) -> AsyncIterator[StreamedTokens]:
         """The whole answer as one chunk per sequence: `vllm.LLM.generate` returns finished outputs."""
         for sequence, completion in enumerate(await self.complete(embeds, sampling)):
             yield StreamedTokens(sequence, completion.token_ids, completion.finish_reason)

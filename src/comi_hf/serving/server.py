@@ -44,7 +44,7 @@ from ..errors_comi import (
 )
 from ..loading import check_device
 from . import openai_api
-from .admission import BodyReader, Limits, unless_disconnected
+from .admission import DEFAULT_ROUND_QUESTIONS, DEFAULT_SLICE_QUESTIONS, BodyReader, Limits, unless_disconnected
 from .client import COMIServingClient
 from .decoder import VLLMReplicas, VLLMServerDecoder, check_url
 from .service import COMIService
@@ -114,8 +114,8 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     served_model_name: str = "comi",
-    slice_questions: int = 8,
-    round_questions: int = 32,
+    slice_questions: int = DEFAULT_SLICE_QUESTIONS,
+    round_questions: int = DEFAULT_ROUND_QUESTIONS,
 ):
     """The ASGI app of `comi-serve` around a [`COMIServingClient`] whose decoder is a vLLM server.
 
@@ -384,6 +384,8 @@ def run(args: argparse.Namespace) -> None:
             vllm_model=args.vllm_model,
             api_key=args.vllm_api_key,
             vllm_max_num_batched_tokens=args.vllm_max_num_batched_tokens,
+            vllm_max_in_flight=args.vllm_max_in_flight,
+            vllm_priority=args.vllm_priority,
             device=device,
             dtype=dtype,
             cache_bytes=args.cache_bytes,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..processing_comi import StreamedAnswer
-from .admission import FairCompressor, Limits
+from .admission import DEFAULT_ROUND_QUESTIONS, DEFAULT_SLICE_QUESTIONS, FairCompressor, Limits
 from .client import COMIServingClient, Question
 from .decoder import Completion
 from .metrics import ServingMetrics
@@ -58,7 +58,13 @@ class COMIService:
         slice_questions, round_questions: the fair compressor's slice and round sizes.
     """
 
-    def __init__(self, client: COMIServingClient, limits: Limits, slice_questions: int = 8, round_questions: int = 32):
+    def __init__(
+        self,
+        client: COMIServingClient,
+        limits: Limits,
+        slice_questions: int = DEFAULT_SLICE_QUESTIONS,
+        round_questions: int = DEFAULT_ROUND_QUESTIONS,
+    ):
         self.client = client
         self.limits = limits
         self.compressor = FairCompressor(client, slice_questions, round_questions, on_round=self._round_done)
@@ -103,7 +109,7 @@ class COMIService:
 
         async def one(position: int, prompt: torch.Tensor) -> None:
             texts: dict[int, StreamedAnswer] = {}
-            async for tokens in self.client.decoder.stream(prompt, asked.sampling):
+            async for tokens in self.client.decoder.stream(prompt, asked.sampling, turn=position):
                 text = texts.setdefault(tokens.sequence, StreamedAnswer(self.client.tokenizer))
                 piece = text.add(tokens.token_ids)
                 self.metrics.count_tokens(generated=len(tokens.token_ids))
