@@ -268,6 +268,13 @@ class FinetuningArguments:
     output_dir: str = field(metadata={"help": "Where the COMI model, its tokenizer and card go."})
     merge_sizes: list[int] = field(default_factory=lambda: [4, 8, 16], metadata={"help": "Merge sizes after stage 1."})
     merge_size: int = field(default=8, metadata={"help": "The saved model's default merge size."})
+    segment_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Encode and compress contexts in segments of this many tokens (saved in the model's config); "
+            "when not given, the backbone's own (a COMI model's) or the config default."
+        },
+    )
     curriculum: list[StageLengths] = field(
         default_factory=lambda: [[32], [64], [128], [256]],
         metadata={"help": "Document lengths in words, one per stage; '256,1024' mixes lengths in a stage."},
@@ -366,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
             setattr(model.config, name, value)
         model.config.learnable_merge_weights = args.learnable_merge_weights
         model.compressor = COMIMIGCompressor(model.config)
+    if args.segment_size is not None:
+        model.config.segment_size = args.segment_size
     config = model.config
     every_parameter_used = not weights_without_gradient(config)
     # Greedy as in the official evaluation, but without its repetition penalty (1.3): half of the

@@ -50,21 +50,37 @@ def gather_results(work_dir: Path, wall_minutes: int | None) -> dict:
     return {"wall_minutes": wall_minutes, "test": evaluations, "backbone_curve": curve}
 
 
+def results_table(evaluations: list[dict]) -> list[str]:
+    """Exact match per document length (rows) and merge size (columns), with the compression and
+    the number of documents of each cell."""
+    merges = sorted({entry["merge_size"] for entry in evaluations})
+    cells = {(entry["words"], entry["merge_size"]): entry for entry in evaluations}
+    lines = [
+        "| document words | " + " | ".join(f"merge {merge}" for merge in merges) + " | documents |",
+        "| --- | " + " | ".join("---" for _ in merges) + " | --- |",
+    ]
+    for words in sorted({entry["words"] for entry in evaluations}):
+        row = [cells.get((words, merge)) for merge in merges]
+        counts = sorted({entry["num_samples"] for entry in row if entry})
+        lines.append(
+            f"| {words:,} | "
+            + " | ".join(
+                f"{entry['exact_match']:.3f} ({entry['compression_ratio']:.1f}x)" if entry else "" for entry in row
+            )
+            + f" | {', '.join(f'{count:,}' for count in counts)} |"
+        )
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     lines = [
         "## Held-out results",
         "",
         "Exact match on the test split of `comi-synth` (documents never seen in training; greedy "
-        "decoding with this directory's generation config):",
+        "decoding with this directory's generation config), and the average compression:",
         "",
-        "| document words | merge size | compression | exact match | documents |",
-        "| --- | --- | --- | --- | --- |",
+        *results_table(results["test"]),
     ]
-    for entry in results["test"]:
-        lines.append(
-            f"| {entry['words']} | {entry['merge_size']} | {entry['compression_ratio']:.1f}x | "
-            f"{entry['exact_match']:.3f} | {entry['num_samples']} |"
-        )
     last = results["backbone_curve"][-1]
     lines += [
         "",
