@@ -148,7 +148,7 @@ def serve_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Send each question's place in its request as vLLM's `priority`, for a vLLM server started with "
         "--scheduling-policy priority: vLLM's own queue is then round-robin across requests too (docs/serving.md, "
-        "Load and fairness). A server without that policy is reported when comi-serve connects (/health, 502s).",
+        "Load and fairness). vLLM 0.32 without that policy takes the field and ignores it.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default 8080).")

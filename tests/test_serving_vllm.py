@@ -365,14 +365,14 @@ def test_a_vllm_server_without_comi_hfs_processor(vllm_python, served, service, 
             assert result["token_ids"] == expected
         finally:
             process.stop(timeout=30)
-        # --vllm-priority against a server in first-come order: reported, naming vLLM's flag.
+        # --vllm-priority against a server in first-come order: vLLM 0.32 takes the field and
+        # ignores it (a server that refused it would be reported by the probe, `test_serving.py`).
         process, url = _start_comi_serve(served, [plain], "--vllm-priority")
         try:
             status, health = _get(url + "/health")
-            assert status == 503 and "--scheduling-policy priority" in health["decoder"]["error"], health
-            status, result = _post(url, {**body, "max_new_tokens": NEW_TOKENS})
-            assert status == 502 and "--scheduling-policy priority" in result["error"]["message"], result
-            assert plain.url not in result["error"]["message"]
+            assert status == 200 and health["decoder"]["priority"] is True, health
+            status, result = _post(url, {**body, "max_new_tokens": NEW_TOKENS, "return_token_ids": True})
+            assert status == 200 and result["token_ids"] == expected, result
         finally:
             process.stop(timeout=30)
         client = COMIServingClient.from_pretrained(served["root"] / "comi", vllm_url=plain.url)

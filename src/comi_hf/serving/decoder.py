@@ -257,7 +257,8 @@ class VLLMServerDecoder:
             [`FairDecoderSlots`]' order (round-robin across requests).
         priority: send each prompt's turn as vLLM's `priority`, for a server started with
             `--scheduling-policy priority`: vLLM then also takes a request's first question before
-            the later questions of requests already queued there (checked by `connect`).
+            the later questions of requests already queued there. `connect` checks that the server
+            takes the field (vLLM 0.32 in first-come order takes it and ignores it).
     """
 
     def __init__(
