@@ -46,6 +46,7 @@ def test_default_model_recipe_quick_mode(tmp_path):
     weights = load_file(output / "model.safetensors")
     assert config["learnable_merge_weights"] and config["alpha_merge"] == weights["compressor.alpha_merge"].item()
     assert config["alpha_merge"] != 2.0 and abs(config["alpha_merge"] - 2.0) < 0.5
+    assert config["segment_size"] == 48  # the last stage's segments, what the model needs at inference
     assert "documents of 64+128 words" in card and "(learnt)" in card
     assert "steps: 2 ([4] per length)" in card and "stops at 0.0 at merge 4 and 8)" in card
     backbone = tmp_path / "default_backbone"  # beside the shipped model: the backbone of step 2, a plain LM
