@@ -250,8 +250,10 @@ def test_decoder_slots_send_waiting_questions_round_robin_with_their_turn_as_pri
     sent.clear()
     asyncio.run(two_large_then_one_small(decoder_with(max_in_flight=1)))
     assert [priority for _, priority in sent] == [None] * 9 and sent[2] == (1, None)
-    with pytest.raises(InvalidInputError, match="max_in_flight must be an integer >= 1"):
-        VLLMServerDecoder("http://vllm.test", max_in_flight=0)
+    for wrong in (0, None, 2.0, True):
+        with pytest.raises(InvalidInputError, match="max_in_flight must be an integer >= 1"):
+            VLLMServerDecoder("http://vllm.test", max_in_flight=wrong)
+    assert VLLMServerDecoder("http://vllm.test", max_num_batched_tokens=None).guard is None
 
     # A question given up while waiting (its client went away) is skipped.
     async def one_given_up():

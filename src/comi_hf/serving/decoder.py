@@ -274,10 +274,10 @@ class VLLMServerDecoder:
         import httpx
 
         for name, value, least in (
-            ("max_num_batched_tokens", max_num_batched_tokens, 0),
+            ("max_num_batched_tokens", 0 if max_num_batched_tokens is None else max_num_batched_tokens, 0),
             ("max_in_flight", max_in_flight, 1),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InvalidInputError(
                     f"{name} must be an integer >= {least}{' (0: no limit)' if least == 0 else ''}, got {value!r:.40}",
                     field=name,
