@@ -190,7 +190,7 @@ def test_remote_code_loads_the_shipped_directory_without_the_package(tmp_path, m
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         # A 1,024-word document through the remote code: segments from the config, no argument.
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained({DEFAULT_MODEL!r})
+        tokenizer = AutoTokenizer.from_pretrained({DEFAULT_MODEL!r}, trust_remote_code=True)
         output = model.generate(context={document.context!r}, query={document.question!r}, tokenizer=tokenizer)
         print(output[0].tolist())
         print(type(model).__name__)
