@@ -32,8 +32,8 @@ __all__ = [
     "RequestTooLargeError",
 ]
 
-# Small slices and rounds: a one-question request waits for at most one round of 8 questions per
-# turn (docs/serving.md, Load and fairness: the rounds of 32 of before held it for seconds).
+# Small slices and rounds: a one-question request waits for at most one round of 8 questions
+# behind large ones (docs/serving.md, Load and fairness).
 DEFAULT_SLICE_QUESTIONS = 2
 DEFAULT_ROUND_QUESTIONS = 8
 
