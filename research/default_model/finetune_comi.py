@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +257,20 @@ def _stop_summary(stop: StopAtExactMatch) -> str:
     return f"{checks or 'no check'} (training stops at {stop.target} at {sizes})"
 
 
+def leave_data_parallel_run() -> None:
+    """Ends a process of a data-parallel run once its work is done, without interpreter finalisation.
+
+    Even after `destroy_process_group`, a process that finalises while gloo's worker threads are
+    alive now and then aborts (SIGABRT, "terminate called without an active exception"; the
+    race is pytorch/pytorch#179291's). Here that struck one process of two in 3 of about 40
+    two-process runs, under load, after every file was written, and failed the run: the process
+    flushes what it logged and leaves."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class StageLengths(list):
     """'256' or '256,1024' on the command line: the document lengths of one curriculum stage."""
 
@@ -458,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     # the card.
     state.destroy_process_group()
     if not state.is_main_process:
-        return
+        leave_data_parallel_run()
     # The card shows the highest merge size on the first validation length.
     card_evaluation = evaluations[len(set(args.merge_sizes)) - 1]
     write_model_card(
@@ -491,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         notes=NOTES.read_text(),
         trained_with="research/default_model/finetune_comi.py",
     )
+    if state.num_processes > 1:
+        leave_data_parallel_run()
 
 
 if __name__ == "__main__":
