@@ -107,9 +107,9 @@ def backbone_card(log: dict) -> str:
             "",
             "# The backbone of comi_hf's default model",
             "",
-            "A plain `LlamaForCausalLM` (4 layers, hidden 64, 4 heads of 16, a 64-word word-level tokenizer without "
-            "BOS that lower-cases the text and splits punctuation off words) pretrained from random weights by "
-            "`research/default_model/pretrain_backbone.py`, step 2 of "
+            "A plain `LlamaForCausalLM` (4 layers, hidden 64, 4 heads of 16, rotary base 10^6, a 64-word word-level "
+            "tokenizer without BOS that lower-cases the text and splits punctuation off words) pretrained from random "
+            "weights by `research/default_model/pretrain_backbone.py`, step 2 of "
             "`research/train_default_model.sh`, on `context question answer </s>` texts of `comi-synth`'s train "
             "split; comi_hf's default COMI model was built from it (`from_backbone`, encoder 2 layers, LSA 1) and "
             "fine-tuned. Peers that compress the KV cache run on it (`bench/peers.py`): it reads whole documents, "
