@@ -50,9 +50,15 @@ def vllm_python():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer, vllm_python):
     """A tiny COMI model (head_dim 32: vLLM's CPU backend needs >= 32), its exported decoder, and
-    a vLLM server serving that decoder."""
+    a vLLM server serving that decoder. Its rotary base is the default model's, not the class
+    default, so that vLLM reading the base from the config is what the equality tests check."""
     root = tmp_path_factory.mktemp("serving")
-    backbone = {"hidden_size": 128, "intermediate_size": 256, "initializer_range": 0.2}
+    backbone = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "initializer_range": 0.2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+    }
     model = tiny_comi(backbone=backbone, segment_size=64)
     model.save_pretrained(root / "comi")
     tokenizer.save_pretrained(root / "comi")
