@@ -64,13 +64,13 @@ else
     # in segments of 300 tokens, the length the backbone and the round read (a 256-word document is
     # one segment, as before): the decoder learns to find a code among memories of up to ~520
     # vectors instead of ~65. The retrieval head's auxiliary loss weighs 0.5 here (its hit rate
-    # over long memories is what fails first; LOG.md), and batches hold 8 documents. 7,000 and
-    # 12,000 steps left the long-document scores still rising; 14,000 is what the two hours leave
-    # room for. Merge 32 is drawn in a seventh of the batches: without it 256-word documents lost
-    # 0.08 at merge 32 (LOG.md).
-    LONG=(--segment_size 300 --aux_weight 0.5 --curriculum 128,256,512,1024,1024,2048,2048 --stage_steps 14000
+    # over long memories is what fails first; LOG.md), and batches hold 8 documents. 7,000, 12,000
+    # and 14,000 steps left the long-document scores still rising; 17,000 is what the two hours
+    # leave room for. Merge 32 is drawn in a seventh of the batches: without it 256-word documents
+    # lost 0.08 at merge 32 (LOG.md).
+    LONG=(--segment_size 300 --aux_weight 0.5 --curriculum 128,256,512,1024,1024,2048,2048 --stage_steps 17000
         --merge_sizes 4 4 8 8 16 16 32 --first_stage_merge_sizes 4 4 8 8 16 16 32 --learning_rate 5e-4
-        --context_tokens_per_batch 16384 --eval_words 2048 256 1024 --eval_docs 200 --stop_at 0.95 --eval_every 3500
+        --context_tokens_per_batch 16384 --eval_words 2048 256 1024 --eval_docs 200 --stop_at 0.95 --eval_every 4250
         --stop_merge_sizes 4 8)
 fi
 
